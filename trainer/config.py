@@ -7,6 +7,7 @@ key, a bad value names the allowed set or range. Errors are ``ConfigError`` (the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -162,7 +163,7 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         item_types = typing.get_args(annotation)
         if not isinstance(value, list | tuple) or len(value) != len(item_types):
             raise ConfigError(f"{path}: expected a list of {len(item_types)} values, got {value!r}")
-        return tuple(_coerce(f"{path}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types)))
+        return tuple(_coerce(f"{path}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -222,7 +223,8 @@ def preset_names() -> list[str]:
 def _read_preset(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(name) if name.endswith((".yaml", ".yml")) else PRESET_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown preset '{name}'{_nearest(name, preset_names())} (presets: {', '.join(preset_names())})")
+        names = preset_names()
+        raise ConfigError(f"unknown preset '{name}'{_nearest(name, names)} (presets: {', '.join(names)})")
     if name in seen:
         raise ConfigError(f"preset '{name}' includes itself through 'base'")
     raw = yaml.safe_load(path.read_text()) or {}
@@ -240,7 +242,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key.path=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': cannot read the value: {err.problem}") from err
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):  # YAML 1.1 reads '1e-3' as a string; users mean a number
+            value = float(value) if any(c in value for c in ".eE") else int(value)
     return key.strip().split("."), value
 
 

@@ -1,0 +1,36 @@
+# Two set-up commands: `make demo` and `make test` create .venv and install into it when needed.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.maeclip-installed
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+# torch and torchvision go first and exactly: a loose pin pulls a second multi-GB build (design §9).
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip check
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/maeclip demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	@for script in bench/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf .maeclip .pytest_cache .ruff_cache .hypothesis
