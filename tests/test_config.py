@@ -40,8 +40,8 @@ def test_unknown_key_names_the_nearest_valid_key():
         load_config("tiny-clip", ["optimm.lr=1"])
 
 
-# Words YAML 1.1 reads as booleans; they get the type error instead.
-YAML_BOOLEANS = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+# Words YAML 1.1 reads as booleans or null; they get the type error instead.
+YAML_BOOLEANS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null"}
 
 
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12).filter(
