@@ -31,6 +31,9 @@ def default_tracking_uri() -> str:
 
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # The Tracker retries with its own backoff; MLflow's long internal retry chain would only delay that.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     from mlflow import MlflowClient  # imported lazily: mlflow is slow to import and only rank 0 needs it
 
     return MlflowClient(tracking_uri=uri)
