@@ -1,0 +1,203 @@
+"""The training entry point: ``python -m trainer.train --config PRESET --set key=value ...`` under torchrun.
+
+One loop for every objective: the objective module returns a dict of named losses whose ``loss`` entry is the
+total, so this file never knows which model runs. Resume is automatic from the newest committed checkpoint
+of ``train.run_url``; SIGTERM finishes the step, checkpoints and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from importlib.metadata import version
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer import checkpoint, storage, tracking
+from trainer.config import Config, OptimConfig, load_config, to_yaml
+from trainer.data.loader import build_train_loader
+from trainer.models import build_model, parameter_groups
+
+log = logging.getLogger("trainer.train")
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to ``optim.lr``, then cosine decay to ``optim.min_lr`` at ``total_steps``."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed for the randomness of one step on one rank (masks, dropout): resume needs no RNG state."""
+    return (seed * 1_000_003 + step) * 4099 + rank
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
+
+
+def _tags(config: Config) -> dict[str, str]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "objective": config.model.objective,
+        "image_pool": config.model.image_pool,
+        "dataset": config.data.url,
+        "git_commit": commit or "unknown",
+        "versions": f"torch={version('torch')} streaming={version('mosaicml-streaming')} mlflow={version('mlflow')}",
+    }
+
+
+class StopSignal:
+    """SIGTERM (preemption) seen by any rank: every rank finishes its step, checkpoints and exits 0.
+
+    Ranks receive the signal at different moments, so they agree through an all-reduce on a CPU (gloo) group,
+    which costs no device synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self.received = False
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "received", True))
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def agreed(self) -> bool:
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def _batches(loader) -> Iterator[dict[str, Any]]:
+    while True:  # epochs follow one another; Streaming's loader state knows where in the epoch we are
+        yield from loader
+
+
+def train(config: Config) -> None:
+    rank, world_size, device = setup_distributed()
+    stop = StopSignal()
+    cfg_t = config.train
+    torch.manual_seed(cfg_t.seed)  # identical initial weights on every rank
+    model = build_model(config.model).to(device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.optim.weight_decay),
+        lr=config.optim.lr,
+        betas=(config.optim.beta1, config.optim.beta2),
+        eps=config.optim.eps,
+    )
+    resumed = checkpoint.resume(cfg_t.run_url, model, optimizer)
+    start = resumed.step if resumed else 0
+    meta = resumed.meta if resumed else {}
+    ddp = DistributedDataParallel(model) if world_size > 1 else model
+
+    loader = build_train_loader(config)
+    if meta.get("loader_state"):
+        loader.load_state_dict(meta["loader_state"])
+    global_batch = config.data.batch_size * world_size
+
+    tracker = None
+    run_id = meta.get("mlflow_run_id")
+    if rank == 0:
+        storage.write_text(storage.join(cfg_t.run_url, "config.yaml"), to_yaml(config))
+        uri = config.tracking.uri or tracking.default_tracking_uri()
+        try:
+            run_id = tracking.start_or_resume_run(uri, config.tracking.experiment, run_id, config.name, _tags(config))
+            tracker = tracking.Tracker(uri, run_id)
+            if not resumed:
+                tracker.log_params(config.flat())
+        except Exception as err:  # tracking is never a reason not to train
+            log.warning("MLflow unavailable (%s); training without tracking", err)
+        where = f"step {start} from {resumed.url}" if resumed else "scratch"
+        print(f"[train] {config.name}: {world_size} rank(s), global batch {global_batch}, from {where}", flush=True)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    batches = _batches(loader)
+    step, last_saved = start, start
+    window_start, data_wait = time.perf_counter(), 0.0
+    while step < cfg_t.steps:
+        fetch_start = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - fetch_start
+        torch.manual_seed(step_seed(cfg_t.seed, step, rank))
+        lr = lr_at(step, config.optim, cfg_t.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with autocast:
+            losses = ddp(inputs)
+        losses["loss"].backward()
+        if config.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        stopping = stop.agreed()
+
+        if rank == 0 and (step % cfg_t.log_every == 0 or step == cfg_t.steps):
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = step - max(start, step - cfg_t.log_every) or 1
+            metrics = {f"train/{k}": v.item() for k, v in losses.items()}
+            metrics |= {
+                "train/lr": lr,
+                "train/samples_per_s": steps_in_window * global_batch / elapsed,
+                "train/data_wait_frac": data_wait / elapsed,
+            }
+            if tracker:
+                tracker.log_metrics(metrics, step)
+            print(f"[train] step {step}/{cfg_t.steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
+                  f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
+            window_start, data_wait = time.perf_counter(), 0.0
+
+        if step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps or stopping:
+            state = {"samples_seen": step * global_batch, "mlflow_run_id": run_id, "world_size": world_size,
+                     "loader_state": loader.state_dict()}
+            url = checkpoint.save(cfg_t.run_url, step, model, optimizer, config, state)
+            last_saved = step
+            if rank == 0:
+                print(f"[train] checkpoint {url}", flush=True)
+        if stopping:
+            break
+
+    if tracker:
+        tracker.set_terminated("FINISHED" if step >= cfg_t.steps else "KILLED")
+        tracker.close()
+    if rank == 0:
+        print(f"[train] {'done' if step >= cfg_t.steps else 'stopped'} at step {last_saved}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__)
+    parser.add_argument("--config", required=True, help="preset name or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
