@@ -1,0 +1,1 @@
+"""Data: corpora written as MDS shards (shapes), the CLIP tokenizer, image transforms, the Streaming loader."""

@@ -1,0 +1,109 @@
+"""Streaming loaders over MDS corpora at any storage URL (design §1): training batches and eval passes.
+
+Training uses MosaicML Streaming's ``StreamingDataset``, which partitions each epoch over ranks and workers and
+records its position in ``StreamingDataLoader.state_dict()``; with ``num_canonical_nodes`` fixed, the sample
+order does not depend on the world size, so a job may resume on a different number of ranks.
+
+Exactly-once: Streaming pads an epoch by repeating samples until it divides into
+``world_size × batch_size`` per canonical node. When the corpus size is a multiple of
+``num_canonical_nodes × world_size × batch_size`` every sample is seen exactly once per epoch; otherwise
+up to one global batch of samples repeats at the end of the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from streaming import StreamingDataLoader, StreamingDataset
+
+from trainer import storage
+from trainer.config import Config
+from trainer.data.tokenizer import tokenize
+from trainer.data.transforms import decode_image, eval_transform, train_transform
+
+
+class DataError(ValueError):
+    """A dataset that is missing, empty or unreadable; the message names the URL."""
+
+
+def dataset_size(split_url: str) -> int:
+    """Samples in the MDS split at ``split_url``; DataError when there is none or it is empty."""
+    index_url = storage.join(split_url, "index.json")
+    if not storage.exists(index_url):
+        raise DataError(f"no MDS dataset at {split_url} (run `maeclip data shapes --out URL` or ingest first)")
+    try:
+        shards = json.loads(storage.read_text(index_url))["shards"]
+    except (ValueError, KeyError) as err:
+        raise DataError(f"unreadable MDS index at {index_url}: {err}") from err
+    total = sum(shard["samples"] for shard in shards)
+    if total == 0:
+        raise DataError(f"the dataset at {split_url} is empty (0 samples)")
+    return total
+
+
+def _remote_and_local(split_url: str, cache_dir: str) -> tuple[str | None, str]:
+    """Streaming's (remote, local): a file:// split is read in place; a remote one is cached per URL."""
+    local = storage.local_path(split_url)
+    if local:
+        return None, local
+    root = cache_dir or os.path.join(tempfile.gettempdir(), "maeclip-cache")
+    return split_url, os.path.join(root, hashlib.sha256(split_url.encode()).hexdigest()[:16])
+
+
+class CaptionedImages(StreamingDataset):
+    """MDS samples decoded to ``{"key", "image", "tokens"}`` (or, for eval, with caption and meta)."""
+
+    def __init__(self, split_url: str, config: Config, *, transform: Callable, with_text_meta: bool,
+                 **streaming_args: Any) -> None:
+        remote, local = _remote_and_local(split_url, config.data.cache_dir)
+        super().__init__(remote=remote, local=local, **streaming_args)
+        self.transform = transform
+        self.context_length = config.model.context_length
+        self.with_text_meta = with_text_meta
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = super().__getitem__(index)
+        item = {"key": sample["key"], "image": self.transform(decode_image(sample["image"]))}
+        if self.with_text_meta:
+            item |= {"caption": sample["caption"], "meta": sample["meta"]}
+        else:
+            item["tokens"] = tokenize([sample["caption"]], self.context_length)[0]
+        return item
+
+
+def build_train_loader(config: Config) -> StreamingDataLoader:
+    """The training loader of this rank (rank and world size from torchrun's environment)."""
+    data = config.data
+    split_url = storage.join(data.url, "train")
+    dataset_size(split_url)
+    dataset = CaptionedImages(
+        split_url, config, transform=train_transform(data, config.model.image_size), with_text_meta=False,
+        shuffle=data.shuffle, shuffle_seed=data.shuffle_seed, num_canonical_nodes=data.num_canonical_nodes,
+        batch_size=data.batch_size,
+    )
+    return StreamingDataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True,
+                               persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "key": [s["key"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "caption": [s["caption"] for s in samples],
+        "meta": [s["meta"] for s in samples],
+    }
+
+
+def iter_eval_batches(split_url: str, config: Config, batch_size: int) -> Iterator[dict[str, Any]]:
+    """Every sample of an eval split once, in stored order, as batches with keys, captions and meta."""
+    dataset_size(split_url)
+    dataset = CaptionedImages(split_url, config, transform=eval_transform(config.data, config.model.image_size),
+                              with_text_meta=True, shuffle=False, batch_size=batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=_collate_eval)
+    yield from loader

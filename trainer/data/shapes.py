@@ -1,0 +1,192 @@
+"""The shapes corpus: procedurally drawn scenes of 1–3 coloured shapes with captions generated from the scene.
+
+Each sample is drawn from its own ``random.Random`` seeded by (seed, split, index), so a corpus is byte-identical
+for a seed and train/eval never share a sample stream. The largest object is the *primary*: it is mentioned
+first in every caption and its colour and shape are the sample's labels (the zero-shot tasks score them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageDraw
+from streaming import MDSWriter
+
+from trainer import storage
+
+GENERATOR_VERSION = "shapes-v0"
+COLUMNS = {"key": "str", "image": "bytes", "caption": "str", "meta": "json"}
+# Saturated, well-separated colours; names are the class names of the colour task.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (235, 205, 30),
+    "purple": (140, 55, 185),
+    "orange": (245, 135, 25),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive pixel box)
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
+
+
+def _place(rng: random.Random, size: int, side: int, taken: list[tuple[int, int, int, int]]):
+    box = None
+    for _ in range(30):
+        x0, y0 = rng.randint(1, size - side - 2), rng.randint(1, size - side - 2)
+        box = (x0, y0, x0 + side, y0 + side)
+        if not any(_overlaps(box, other) for other in taken):
+            return box
+    return box  # a crowded scene may overlap; the primary is drawn last so it stays whole
+
+
+def _scene(rng: random.Random, size: int) -> list[SceneObject]:
+    count = rng.choice((1, 2, 3))
+    primary = (rng.choice(SHAPES), rng.choice(list(COLORS)))
+    primary_box = _place(rng, size, int(size * rng.uniform(0.42, 0.58)), [])
+    objects = [SceneObject(*primary, primary_box)]
+    taken = [primary_box]
+    while len(objects) < count:
+        kind = (rng.choice(SHAPES), rng.choice(list(COLORS)))
+        if kind == primary:
+            continue
+        box = _place(rng, size, int(size * rng.uniform(0.16, 0.26)), taken)
+        taken.append(box)
+        objects.append(SceneObject(*kind, box))
+    return objects  # largest first
+
+
+def _draw(obj: SceneObject, draw: ImageDraw.ImageDraw) -> None:
+    x0, y0, x1, y1 = obj.bbox
+    fill = COLORS[obj.color]
+    if obj.shape == "circle":
+        draw.ellipse(obj.bbox, fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle(obj.bbox, fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:  # a five-pointed star
+        cx, cy, outer = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
+        draw.polygon(_star_points(cx, cy, outer), fill=fill)
+
+
+def _star_points(cx: float, cy: float, outer: float) -> list[tuple[float, float]]:
+    points = []
+    for i in range(10):
+        radius = outer if i % 2 == 0 else outer * 0.42
+        angle = -math.pi / 2 + i * math.pi / 5
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def _render(objects: list[SceneObject], rng: random.Random, size: int) -> bytes:
+    shade = rng.randint(200, 245)
+    background = tuple(min(255, shade + rng.randint(-8, 8)) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    for obj in reversed(objects):  # the primary last, so nothing covers it
+        _draw(obj, draw)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def _caption(objects: list[SceneObject], rng: random.Random) -> str:
+    first = objects[0]
+    if len(objects) == 1:
+        frame = rng.choice(("a {c} {s}", "a {c} {s}.", "a picture of a {c} {s}", "a single {c} {s}",
+                            "one {c} {s} on a plain background", "a drawing of a {c} {s}"))
+        return frame.format(c=first.color, s=first.shape)
+    lead = rng.choice(("a big {c} {s}", "a large {c} {s}", "a {c} {s}"))
+    others = [f"a small {o.color} {o.shape}" for o in objects[1:]]
+    rest = " and ".join(others)
+    frame = rng.choice(("{lead} and {rest}", "a picture of {lead} with {rest}", "{lead} next to {rest}",
+                        "{n} shapes: {lead} and {rest}"))
+    return frame.format(lead=lead.format(c=first.color, s=first.shape), rest=rest, n=COUNT_WORDS[len(objects)])
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
+    """One sample of the corpus, in the MDS schema of design §1."""
+    rng = random.Random(f"{GENERATOR_VERSION}/{seed}/{split}/{index}")
+    objects = _scene(rng, image_size)
+    meta = {
+        "source": GENERATOR_VERSION,
+        "labels": {"color": objects[0].color, "shape": objects[0].shape, "count": len(objects)},
+        "objects": [{"shape": o.shape, "color": o.color, "bbox": list(o.bbox)} for o in objects],
+    }
+    return {"key": f"{split}-{index:07d}", "image": _render(objects, rng, image_size),
+            "caption": _caption(objects, rng), "meta": meta}
+
+
+def _write_split(url: str, split: str, n: int, seed: int, image_size: int) -> list[dict[str, Any]]:
+    """Write one split as MDS to ``url/split``; return its shards' names, sizes and sha256 hashes."""
+    staging = tempfile.mkdtemp(prefix=f"maeclip-{split}-")
+    target = storage.join(url, split)
+    local = storage.local_path(target)
+    try:
+        out = local if local else (staging, target)
+        with MDSWriter(out=out, columns=COLUMNS, size_limit="8mb", keep_local=True) as writer:
+            for index in range(n):
+                writer.write(make_sample(seed, split, index, image_size))
+        written = local or staging
+        shards = json.loads(open(f"{written}/index.json").read())["shards"]
+        return [
+            {"file": f"{split}/{s['raw_data']['basename']}", "bytes": s["raw_data"]["bytes"],
+             "samples": s["samples"],
+             "sha256": hashlib.sha256(open(f"{written}/{s['raw_data']['basename']}", "rb").read()).hexdigest()}
+            for s in shards
+        ]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_shapes(out_url: str, n_train: int, n_eval: int, seed: int, image_size: int = 64) -> dict[str, Any]:
+    """Write the train and eval splits and ``manifest.json`` under ``out_url``; return the manifest."""
+    shards = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        storage.remove(storage.join(out_url, split))  # never mix shards of two generations
+        shards += _write_split(out_url, split, n, seed, image_size)
+    total = n_train + n_eval
+    manifest = {
+        "generator": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "counts": {"read": total, "written": total, "skipped": {}},
+        "splits": {"train": n_train, "eval": n_eval},
+        "skipped_keys": [],
+        "shards": shards,
+    }
+    storage.write_text(storage.join(out_url, "manifest.json"), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def ensure_shapes(out_url: str, n_train: int, n_eval: int, seed: int, image_size: int = 64) -> str:
+    """Write the corpus unless ``out_url`` already holds one of the same seed and sizes; return ``out_url``."""
+    manifest_url = storage.join(out_url, "manifest.json")
+    if storage.exists(manifest_url):
+        found = json.loads(storage.read_text(manifest_url))
+        wanted = {"train": n_train, "eval": n_eval}
+        if (found.get("generator"), found.get("seed"), found.get("splits"), found.get("image_size")) == (
+            GENERATOR_VERSION, seed, wanted, image_size
+        ):
+            return out_url
+    write_shapes(out_url, n_train, n_eval, seed, image_size)
+    return out_url
