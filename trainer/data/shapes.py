@@ -15,6 +15,7 @@ import random
 import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -146,12 +147,12 @@ def _write_split(url: str, split: str, n: int, seed: int, image_size: int) -> li
         with MDSWriter(out=out, columns=COLUMNS, size_limit="8mb", keep_local=True) as writer:
             for index in range(n):
                 writer.write(make_sample(seed, split, index, image_size))
-        written = local or staging
-        shards = json.loads(open(f"{written}/index.json").read())["shards"]
+        written = Path(local or staging)
+        shards = json.loads((written / "index.json").read_text())["shards"]
         return [
             {"file": f"{split}/{s['raw_data']['basename']}", "bytes": s["raw_data"]["bytes"],
              "samples": s["samples"],
-             "sha256": hashlib.sha256(open(f"{written}/{s['raw_data']['basename']}", "rb").read()).hexdigest()}
+             "sha256": hashlib.sha256((written / s["raw_data"]["basename"]).read_bytes()).hexdigest()}
             for s in shards
         ]
     finally:

@@ -21,7 +21,8 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def _to_tensor(data_cfg: DataConfig) -> list:
-    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(data_cfg.image_mean, data_cfg.image_std)]
+    normalize = v2.Normalize(data_cfg.image_mean, data_cfg.image_std)
+    return [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), normalize]
 
 
 def train_transform(data_cfg: DataConfig, image_size: int) -> v2.Compose:
