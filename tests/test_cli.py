@@ -1,0 +1,66 @@
+"""Bad input stops the CLI with one line naming the problem and exit status 2, before anything is launched."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from streaming import MDSWriter
+
+MAECLIP = str(Path(sys.executable).parent / "maeclip")
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([MAECLIP, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("maeclip: error:")
+    for needle in needles:
+        assert needle in lines[0]
+    assert "[train]" not in result.stdout  # no training process ever started
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [("gs://", "malformed storage URL 'gs://'"), ("ftp://host/data", "unsupported storage scheme 'ftp://'"),
+     ("s3://bad bucket/x", "malformed storage URL")],
+)
+def test_malformed_storage_url(tmp_path, url, needle):
+    _assert_one_line_error(_run("train", "--config", "tiny-clip", "--set", f"data.url={url}", cwd=tmp_path),
+                           "data.url", needle)
+
+
+def test_unknown_preset(tmp_path):
+    _assert_one_line_error(_run("train", "--config", "tiny-clp", cwd=tmp_path), "unknown preset 'tiny-clp'",
+                           "did you mean 'tiny-clip'")
+
+
+def test_unknown_key(tmp_path):
+    _assert_one_line_error(_run("train", "--config", "tiny-clip", "--set", "optim.lrr=1", cwd=tmp_path),
+                           "unknown config key 'optim.lrr'", "did you mean 'optim.lr'")
+
+
+def test_missing_dataset(tmp_path):
+    _assert_one_line_error(
+        _run("train", "--config", "tiny-clip", "--set", f"data.url=file://{tmp_path}/nothing", cwd=tmp_path),
+        f"{tmp_path}/nothing/train",
+    )
+
+
+def test_empty_dataset(tmp_path):
+    with MDSWriter(out=str(tmp_path / "empty" / "train"), columns={"key": "str", "image": "bytes",
+                                                                   "caption": "str", "meta": "json"}):
+        pass
+    _assert_one_line_error(
+        _run("train", "--config", "tiny-clip", "--set", f"data.url=file://{tmp_path}/empty", cwd=tmp_path),
+        "empty",
+    )
+
+
+def test_eval_without_checkpoint(tmp_path):
+    _assert_one_line_error(_run("eval", "--checkpoint", f"file://{tmp_path}/run", cwd=tmp_path),
+                           "no committed checkpoint")

@@ -1,0 +1,51 @@
+"""Real training: 2 gloo ranks under torchrun launched by TorchX local_cwd, MLflow, checkpoints, resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipelines.cli import run_training
+from trainer import checkpoint, storage
+from trainer.data.shapes import write_shapes
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    url = f"file://{tmp_path_factory.mktemp('corpus')}/shapes"
+    write_shapes(url, n_train=512, n_eval=64, seed=0)
+    return url
+
+
+def _overrides(corpus: str, run: Path, steps: int) -> list[str]:
+    return [f"data.url={corpus}", f"train.run_url=file://{run}", f"tracking.uri=sqlite:///{run.parent}/mlflow.db",
+            f"train.steps={steps}", "train.checkpoint_every=10", "train.log_every=5", "data.batch_size=16",
+            "data.num_workers=1", "optim.warmup_steps=5", "optim.lr=0.002"]
+
+
+def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
+    run = tmp_path / "run"
+    first = run_training("tiny-clip", _overrides(corpus, run, 30), nproc_per_node=2)
+    assert first.endswith("step-000000030")
+    meta = checkpoint.read_meta(first)
+    assert meta["samples_seen"] == 30 * 16 * 2 and meta["world_size"] == 2
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = meta["mlflow_run_id"]
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert sorted(losses) == [5, 10, 15, 20, 25, 30]
+    assert losses[30] < losses[5] - 0.1  # the loss falls
+    params = client.get_run(run_id).data.params
+    assert params["model.objective"] == "clip" and params["train.steps"] == "30"
+
+    # a directory without COMMITTED, newer than every real checkpoint, must be ignored
+    storage.write_text(storage.join(f"file://{run}", "checkpoints", "step-000000035", "meta.json"), "{}")
+    capfd.readouterr()
+    second = run_training("tiny-clip", _overrides(corpus, run, 40), nproc_per_node=2)
+    out = capfd.readouterr().out
+    assert "from step 30" in out
+    assert second.endswith("step-000000040")
+    assert checkpoint.read_meta(second)["mlflow_run_id"] == run_id  # the same MLflow run continues
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert json.loads(storage.read_text(storage.join(second, "meta.json")))["step"] == 40
