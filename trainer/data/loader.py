@@ -57,7 +57,13 @@ def _remote_and_local(split_url: str, cache_dir: str) -> tuple[str | None, str]:
 
 
 class CaptionedImages(StreamingDataset):
-    """MDS samples decoded to ``{"key", "image", "tokens"}`` (or, for eval, with caption and meta)."""
+    """MDS samples decoded to ``{"key", "image", "tokens"}`` (or, for eval, with caption and meta).
+
+    Random augmentation of a sample is seeded by (shuffle seed, epoch, sample index), not by the worker's RNG
+    stream, so a resumed run (any world size, any number of workers) sees exactly the crops it would have seen.
+    """
+
+    epoch = 0
 
     def __init__(self, split_url: str, config: Config, *, transform: Callable, with_text_meta: bool,
                  **streaming_args: Any) -> None:
@@ -67,9 +73,17 @@ class CaptionedImages(StreamingDataset):
         self.context_length = config.model.context_length
         self.with_text_meta = with_text_meta
 
+    def _resume_incr_epoch(self, *args: Any) -> tuple[int, int]:
+        # Streaming decides the epoch here (private hook of StreamingDataset.__iter__); remember it for seeding.
+        self.epoch, sample_in_epoch = super()._resume_incr_epoch(*args)
+        return self.epoch, sample_in_epoch
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = super().__getitem__(index)
-        item = {"key": sample["key"], "image": self.transform(decode_image(sample["image"]))}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.shuffle_seed * 1_000_003 + self.epoch) * 2_147_483_647 + int(index)) % 2**62)
+            image = self.transform(decode_image(sample["image"]))
+        item = {"key": sample["key"], "image": image}
         if self.with_text_meta:
             item |= {"caption": sample["caption"], "meta": sample["meta"]}
         else:
