@@ -22,7 +22,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from trainer import storage
 from trainer.config import Config, from_yaml, to_yaml
@@ -86,8 +91,10 @@ def save(
     url = checkpoint_url(run_url, step)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=_dcp_id(url))
+    # Whole (unsharded) tensors on rank 0, also under FSDP; collective, so every rank calls it.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _is_rank0():
-        weights = {k: v.detach().cpu().contiguous() for k, v in model_state.items()}
+        weights = {k: v.detach().contiguous() for k, v in full.items()}
         storage.write_bytes(storage.join(url, "weights.safetensors"), safetensors.torch.save(weights))
         storage.write_text(storage.join(url, "config.yaml"), to_yaml(config))
         full_meta = {"step": step, "config_digest": config.digest(), "wall_time": time.time(), **meta}
