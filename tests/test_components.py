@@ -6,7 +6,7 @@ import pytest
 from kubernetes.client import ApiClient
 from torchx.runner import get_runner
 
-from trainer.components import train
+from trainer.components import harden_pod_templates, train
 
 
 def _command(app) -> list[str]:
@@ -33,7 +33,7 @@ def volcano_job():
     with get_runner() as runner:
         # validate_spec would ask an API server to validate; there is none here, the render is what we check.
         info = runner.dryrun(app, "kubernetes", cfg={"queue": "maeclip", "namespace": "ml", "validate_spec": False})
-    return ApiClient().sanitize_for_serialization(info.request.resource)
+    return ApiClient().sanitize_for_serialization(harden_pod_templates(info.request.resource))
 
 
 def test_volcano_job_is_a_gang_with_min_and_max_replicas(volcano_job):
@@ -60,3 +60,12 @@ def test_volcano_pods_get_gpus_memory_shm_and_env(volcano_job):
         command = shlex.split(container["command"][2])
         assert command[command.index("--nnodes") + 1] == "2:4"
         assert "trainer.train" in command
+
+
+def test_volcano_pods_meet_the_restricted_pod_security_profile(volcano_job):
+    for task in volcano_job["spec"]["tasks"]:
+        pod = task["template"]["spec"]
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        for container in pod["containers"]:
+            assert container["securityContext"] == {"allowPrivilegeEscalation": False,
+                                                    "capabilities": {"drop": ["ALL"]}}
