@@ -33,7 +33,10 @@ def launch_training(
     env.setdefault("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     app = components.train(preset, *overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, env=env)
     with get_runner() as runner:
-        handle = runner.run(app, scheduler=scheduler, cfg=scheduler_cfg or {})
+        request = runner.dryrun(app, scheduler, cfg=scheduler_cfg or {})
+        if scheduler == "kubernetes":
+            components.harden_pod_templates(request.request.resource)
+        handle = runner.schedule(request)
         role = app.roles[0]
         tails = [
             threading.Thread(target=_tail, args=(runner, handle, role.name, replica), daemon=True)
