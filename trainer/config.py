@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,8 +56,34 @@ class ModelConfig:
     # CLIP's temperature: learnable, initialised at 1/0.07 and capped at 100 (Radford et al. 2021; open_clip).
     logit_scale_init: float = 1 / 0.07
     logit_scale_max: float = 100.0
-    # Fraction of image patches dropped before the image encoder (0 = CLIP; FLIP uses 0.5, Li et al. 2022).
+    # Fraction of image patches dropped before the image encoder (0 = CLIP; FLIP uses 0.5, Li et al. 2022;
+    # MAE and M3AE 0.75, He et al. 2021 / m3ae_public).
     image_mask_ratio: float = 0.0
+    # Image tower positions: learned (CLIP, open_clip) or fixed 2-D sin-cos (MAE util/pos_embed.py, M3AE).
+    pos_embed: str = "learned"
+    # Causal text tower (CLIP) or bidirectional with a key-padding mask (needed to reconstruct masked tokens).
+    text_causal: bool = True
+    # Heads of the MAP poolers; 0 = the tower's own head count (big_vision's MAPHead uses 12 at ViT-B).
+    map_heads: int = 0
+    # Reconstruction decoder: 8 blocks x 512, 16 heads (MAE mae_vit_base_patch16; M3AE dec_* defaults).
+    decoder_width: int = 512
+    decoder_layers: int = 8
+    decoder_heads: int = 16
+    # Fraction of caption words masked for token reconstruction (m3ae, maeclip); M3AE uses 0.75.
+    text_mask_ratio: float = 0.0
+    # Per-patch normalised pixel targets (MAE PRETRAIN.md trains with --norm_pix_loss).
+    norm_pix_loss: bool = True
+    # Weights of the pixel and token losses (M3AE README: image 1.0, text 0.5).
+    image_loss_weight: float = 1.0
+    text_loss_weight: float = 0.5
+    # maeclip: contrastive loss on the masked passes the decoder reads, or on extra unmasked passes.
+    contrastive_input: str = "masked"
+    # maeclip: patches to mask, random (MAE) or by similarity to the caption (see
+    # masking.similarity_keep_indices), the most or least similar, with Gumbel noise of this scale (our
+    # choice; the paper gives none).
+    image_masking: str = "random"
+    similarity_mask: str = "most"
+    mask_noise: float = 0.1
 
 
 @dataclass
@@ -71,6 +98,14 @@ class DataConfig:
     shuffle_seed: int = 1234
     # Fixed per run so the sample order does not depend on the world size (Streaming's contract).
     num_canonical_nodes: int = 1
+    # Samples each worker downloads ahead; 0 is Streaming's default, 8 x batch_size (StreamingDataset docs).
+    predownload: int = 0
+    # Node-local cache size ("20gb"), least-recently-used shards are evicted past it; empty keeps everything.
+    cache_limit: str = ""
+    # Streaming's shuffle algorithm; py1e, its default, shuffles within blocks so each rank reads few shards.
+    shuffle_algo: str = "py1e"
+    # Samples per shuffle block; 0 is Streaming's default, max(4M / num_canonical_nodes, 2^18).
+    shuffle_block_size: int = 0
     # OpenAI CLIP's normalisation (open_clip constants.py).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -99,6 +134,14 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     seed: int = 0
+    # Samples per optimizer step over all ranks; 0 means data.batch_size x world size. A larger value is reached
+    # by gradient accumulation and must be a multiple of data.batch_size x world size.
+    global_batch_size: int = 0
+    # ddp (replicated) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded).
+    parallelism: str = "ddp"
+    compile: bool = False
+    # Deterministic kernels (torch.use_deterministic_algorithms), for exact-resume checks on CPU.
+    deterministic: bool = False
 
 
 @dataclass
@@ -319,6 +362,44 @@ def normalize_url(url: str, key: str = "url") -> str:
     return url.rstrip("/")
 
 
+def _validate_objective_model(m: ModelConfig) -> None:
+    """The model keys that the objectives added: sizes, switches, and which combinations make sense."""
+    _choice("model.pos_embed", m.pos_embed, ("learned", "sincos"))
+    _choice("model.contrastive_input", m.contrastive_input, ("masked", "unmasked"))
+    _choice("model.image_masking", m.image_masking, ("random", "similarity"))
+    _choice("model.similarity_mask", m.similarity_mask, ("most", "least"))
+    for key in ("decoder_width", "decoder_layers", "decoder_heads"):
+        _range(f"model.{key}", getattr(m, key), 1, 1 << 20)
+    if m.decoder_width % m.decoder_heads or m.decoder_width % 4:
+        raise ConfigError(f"model.decoder_heads: {m.decoder_heads} (and 4, for the 2-D sin-cos table) must "
+                          f"divide model.decoder_width {m.decoder_width}")
+    if m.pos_embed == "sincos" and m.vision_width % 4:
+        raise ConfigError(f"model.pos_embed: sincos needs a model.vision_width divisible by 4, not "
+                          f"{m.vision_width}")
+    _range("model.map_heads", m.map_heads, 0, 1 << 20)
+    for tower in ("vision", "text"):
+        if m.map_heads and getattr(m, f"{tower}_width") % m.map_heads:
+            raise ConfigError(f"model.map_heads: {m.map_heads} does not divide model.{tower}_width")
+    _range("model.text_mask_ratio", m.text_mask_ratio, 0.0, 0.95)
+    for key in ("image_loss_weight", "text_loss_weight", "mask_noise"):
+        _range(f"model.{key}", getattr(m, key), 0.0, 1e6)
+    reconstructs = m.objective in ("mae", "m3ae", "maeclip")
+    if reconstructs and m.image_mask_ratio == 0:
+        raise ConfigError(f"model.image_mask_ratio: {m.objective} reconstructs masked patches, so it needs a "
+                          "ratio > 0 (MAE and M3AE use 0.75)")
+    if m.objective in ("mae", "m3ae") and m.image_pool == "map":
+        raise ConfigError(f"model.image_pool: {m.objective} has no loss on the pooled feature to train a MAP "
+                          "head; use one of cls, gap, max")
+    if m.text_mask_ratio > 0 and m.objective not in ("m3ae", "maeclip"):
+        raise ConfigError(f"model.text_mask_ratio: only m3ae and maeclip reconstruct text, not {m.objective}")
+    if m.objective == "maeclip" and m.text_mask_ratio > 0 and m.text_causal:
+        raise ConfigError("model.text_causal: masked-token reconstruction needs the bidirectional text "
+                          "tower; set model.text_causal false or model.text_mask_ratio 0")
+    if m.image_masking == "similarity" and m.objective != "maeclip":
+        raise ConfigError(f"model.image_masking: similarity masking needs a caption embedding; only maeclip "
+                          f"has one, not {m.objective}")
+
+
 def validate(config: Config) -> None:
     m, d, o, t = config.model, config.data, config.optim, config.train
     _choice("model.objective", m.objective, OBJECTIVES)
@@ -334,10 +415,16 @@ def validate(config: Config) -> None:
     if m.text_width % m.text_heads:
         raise ConfigError(f"model.text_heads: {m.text_heads} does not divide model.text_width {m.text_width}")
     _range("model.image_mask_ratio", m.image_mask_ratio, 0.0, 0.95)
+    _validate_objective_model(m)
     _range("model.logit_scale_init", m.logit_scale_init, 0.0, m.logit_scale_max, low_open=True)
     _range("data.batch_size", d.batch_size, 1, 1 << 20)
     _range("data.num_workers", d.num_workers, 0, 256)
     _range("data.num_canonical_nodes", d.num_canonical_nodes, 1, 1 << 16)
+    _range("data.predownload", d.predownload, 0, 1 << 30)
+    _range("data.shuffle_block_size", d.shuffle_block_size, 0, 1 << 40)
+    _choice("data.shuffle_algo", d.shuffle_algo, ("py1e", "py1br", "py1s", "py2s", "naive"))
+    if d.cache_limit and not re.fullmatch(r"\d+(\.\d+)?[kmgt]?b", d.cache_limit.lower()):
+        raise ConfigError(f"data.cache_limit: '{d.cache_limit}' is not a size such as 500mb or 20gb")
     _range("data.crop_scale[0]", d.crop_scale[0], 0.0, d.crop_scale[1], low_open=True)
     _range("data.crop_scale[1]", d.crop_scale[1], d.crop_scale[0], 1.0)
     _range("optim.lr", o.lr, 0.0, 10.0, low_open=True)
@@ -350,6 +437,11 @@ def validate(config: Config) -> None:
     _range("train.checkpoint_every", t.checkpoint_every, 1, 1 << 40)
     _range("train.keep_last", t.keep_last, 1, 1 << 20)
     _range("train.log_every", t.log_every, 1, 1 << 40)
+    _range("train.global_batch_size", t.global_batch_size, 0, 1 << 40)
+    _choice("train.parallelism", t.parallelism, ("ddp", "fsdp"))
+    if t.global_batch_size % d.batch_size:
+        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not a multiple of data.batch_size "
+                          f"{d.batch_size}")
     d.url = normalize_url(d.url, "data.url")
     t.run_url = normalize_url(t.run_url, "train.run_url")
     if d.cache_dir:

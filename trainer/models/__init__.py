@@ -1,4 +1,5 @@
-"""Models: towers (``vit``, ``text``), ``pooling``, ``losses`` and the training ``objectives``.
+"""Models: towers (``vit``, ``text``, ``joint``), ``pooling``, ``masking``, ``decoders``, ``losses`` and the
+training objectives (``objectives``, ``maeclip``).
 
 ``build_model`` turns a ``ModelConfig`` into the objective module that the training loop runs.
 ``parameter_groups`` splits its parameters for AdamW.
@@ -11,22 +12,27 @@ from typing import Any
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.objectives import ClipObjective
+from trainer.models.maeclip import MaeClipObjective
+from trainer.models.objectives import ClipObjective, M3aeObjective, MaeObjective
 
 # Parameters that are never weight-decayed even when they have 2+ dims: position/class/token embeddings
 # (FLIP excludes cls and posemb; paper-notes §2.2), the MAP probe and the logit scale (paper-notes §5.7,
-# §5.11).
+# §5.11). Mask and type embeddings (M3AE's no_decay_list) are 1-D, so ``ndim < 2`` already excludes them.
 NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "token_embedding.weight", "probe", "logit_scale")
+
+# clip and flip share ``ClipObjective``: FLIP is CLIP with ``image_mask_ratio`` > 0.
+OBJECTIVES: dict[str, type[nn.Module]] = {
+    "clip": ClipObjective,
+    "flip": ClipObjective,
+    "mae": MaeObjective,
+    "m3ae": M3aeObjective,
+    "maeclip": MaeClipObjective,
+}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The objective module for ``cfg.objective``. clip and flip share ``ClipObjective``: FLIP is CLIP with
-    ``image_mask_ratio`` > 0."""
-    if cfg.objective in ("clip", "flip"):
-        return ClipObjective(cfg)
-    raise NotImplementedError(
-        f"model.objective '{cfg.objective}' is not implemented yet (implemented: clip, flip)"
-    )
+    """The objective module for ``cfg.objective``."""
+    return OBJECTIVES[cfg.objective](cfg)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -44,4 +50,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-__all__ = ["ClipObjective", "build_model", "parameter_groups"]
+__all__ = [
+    "OBJECTIVES", "ClipObjective", "M3aeObjective", "MaeClipObjective", "MaeObjective", "build_model",
+    "parameter_groups",
+]

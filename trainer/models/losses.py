@@ -1,26 +1,25 @@
-"""CLIP's symmetric contrastive (InfoNCE) loss, with features gathered over every rank."""
+"""Losses: CLIP's symmetric contrastive (InfoNCE) loss with features gathered over every rank, MAE's pixel
+reconstruction loss and M3AE's masked-token loss."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 
 def _gather(features: torch.Tensor) -> torch.Tensor:
-    """All ranks' features, concatenated in rank order. This rank's slot holds the local tensor itself.
+    """All ranks' features, concatenated in rank order, with gradients flowing back to the rank that owns them.
 
-    These are open_clip's default semantics (``gather_features`` with ``local_loss=False,
-    gather_with_grad=False``). The all_gather carries no gradient. Putting the local tensor back makes every
-    logit that involves a local feature differentiable, so the local features get their complete gradient of
-    the full N×N loss. Every rank must hold the same local batch size.
+    Every rank computes the same full N×N loss. The autograd all_gather sums, in backward, what every rank's
+    loss sends to each feature, so a rank's local features get W × the gradient of the full loss; DDP then
+    averages parameter gradients over the W ranks, which leaves exactly the gradient a single process gets on
+    the whole global batch. (open_clip's default, a no-grad gather with the local tensor put back, gives 1/W of
+    it under DDP: the same direction, but a learning rate that depends on the world size.) Every rank must hold
+    the same local batch size.
     """
-    world_size = dist.get_world_size()
-    gathered = [torch.empty_like(features) for _ in range(world_size)]
-    with torch.no_grad():
-        dist.all_gather(gathered, features.contiguous())
-    gathered[dist.get_rank()] = features
-    return torch.cat(gathered, dim=0)
+    return torch.cat(dist_nn.all_gather(features.contiguous()), dim=0)
 
 
 def clip_loss(
@@ -40,3 +39,48 @@ def clip_loss(
     logits = logit_scale.to(dtype) * image_features @ text_features.T
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, L, p·p·C), patches in row-major grid order, each flattened as (row, column, channel)
+    within the patch: MAE's ``patchify`` (``nchpwq -> nhwpqc``)."""
+    batch, channels, height, width = images.shape
+    grid_h, grid_w = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, grid_h, patch_size, grid_w, patch_size)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, grid_h * grid_w, patch_size * patch_size * channels)
+
+
+def pixel_target(images: torch.Tensor, patch_size: int, norm_pix: bool) -> torch.Tensor:
+    """The MAE reconstruction target (B, L, p·p·C) in fp32.
+
+    With ``norm_pix`` each patch is normalised by its own mean and unbiased variance over its p·p·C values,
+    with eps 1e-6 inside the square root: ``(x − mean) / sqrt(var + 1e-6)``, MAE's ``norm_pix_loss``
+    (models_mae.py ``forward_loss``; paper-notes §5.2).
+    """
+    target = patchify(images.float(), patch_size)
+    if not norm_pix:
+        return target
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)  # unbiased, torch's default, as in MAE
+    return (target - mean) / (var + 1e-6) ** 0.5
+
+
+def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """MSE on masked patches only: the per-patch mean squared error, summed over masked patches and divided by
+    their count (MAE ``forward_loss``). Visible patches do not count (paper-notes §5.1)."""
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)
+    mask = masked.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def masked_token_loss(logits: torch.Tensor, tokens: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the masked caption tokens, as M3AE's ``cross_entropy_loss_and_accuracy``: per sample,
+    the mean over its masked non-pad tokens (zero when it has none), then the mean over the batch.
+
+    ``logits`` (N, V) are the predictions at the N positions where ``where`` (B, T) is True, in row-major
+    order (``hidden[where]``), so that the vocabulary projection runs on masked positions only.
+    """
+    losses = F.cross_entropy(logits.float(), tokens[where], reduction="none")
+    rows = where.nonzero()[:, 0]
+    per_sample = losses.new_zeros(tokens.shape[0]).index_add(0, rows, losses)
+    return (per_sample / where.sum(dim=1).clamp(min=1)).mean()

@@ -1,10 +1,10 @@
-"""The image tower, a ViT that encodes only the visible patches (MAE-style), and the transformer block that
-both towers share.
+"""The image tower, a ViT that encodes only the visible patches (MAE-style), the transformer block that every
+encoder and decoder shares, and the fixed sin-cos position embeddings.
 
-The layout follows open_clip's ``VisionTransformer``, so that its ViT-B-16 weights can later map one-to-one
-onto ours. Our names, with open_clip's in brackets:
+The layout follows open_clip's ``VisionTransformer``, so that its ViT-B-16 weights can map one-to-one onto
+ours. Our names, with open_clip's in brackets:
 - ``patch_embed``: a conv without bias (``conv1``).
-- ``cls_token`` (``class_embedding``) and learned ``pos_embed`` (``positional_embedding``), then ``ln_pre``.
+- ``cls_token`` (``class_embedding``) and ``pos_embed`` (``positional_embedding``), then ``ln_pre``.
 - ``blocks.i``: pre-norm residual blocks (``transformer.resblocks.i``). Each has ``ln_1``, a fused
   ``attn.in_proj`` (``attn.in_proj_weight``/``_bias``), ``attn.out_proj``, ``ln_2``, and ``mlp.c_fc`` /
   ``mlp.c_proj`` with an exact GELU between them.
@@ -13,13 +13,32 @@ onto ours. Our names, with open_clip's in brackets:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.models.masking import num_kept, random_keep_indices
 from trainer.models.pooling import make_pooler
+
+
+def sincos_1d(width: int, positions: torch.Tensor) -> torch.Tensor:
+    """MAE's ``get_1d_sincos_pos_embed_from_grid``: [sin(p·ω_i), cos(p·ω_i)] with ω_i = 10000^(−i/(width/2)),
+    i < width/2. Computed in float64 like MAE's numpy code, returned as float32 (len(positions), width)."""
+    omega = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width / 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """MAE's ``get_2d_sincos_pos_embed(width, grid, cls_token=True)``: (1 + grid², width), a zero row for CLS.
+
+    Patch l = (row i, column j), in row-major order, gets [sincos_1d(j), sincos_1d(i)], each width/2 wide: MAE
+    builds ``np.meshgrid(grid_w, grid_h)``, so its first half encodes the column (paper-notes §5.6). We keep
+    that order so that encoder and decoder grids agree with MAE's.
+    """
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    patches = torch.cat([sincos_1d(width // 2, cols.flatten()), sincos_1d(width // 2, rows.flatten())], dim=1)
+    return torch.cat([torch.zeros(1, width), patches], dim=0)
 
 
 class Attention(nn.Module):
@@ -32,10 +51,14 @@ class Attention(nn.Module):
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``valid`` (B, L) bool is a key-padding mask: no query attends to a key marked False."""
         batch, length, width = x.shape
         qkv = self.in_proj(x).view(batch, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        mask = None if valid is None else valid[:, None, None, :]
+        attended = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, is_causal=causal)
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -59,8 +82,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), causal=causal)
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal, valid=valid)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -69,7 +94,8 @@ def make_blocks(width: int, layers: int, heads: int, mlp_ratio: float) -> nn.Mod
 
     The stds are: attention in-projection width^-0.5, MLP c_fc (2·width)^-0.5, and both output projections
     width^-0.5·(2·layers)^-0.5, so the residual stream stays O(1) with depth. Biases start at zero. We use
-    the same scheme in both towers. open_clip leaves its vision blocks at PyTorch's defaults.
+    the same scheme in every stack, decoders included. open_clip leaves its vision blocks at PyTorch's
+    defaults.
     """
     blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
     proj_std = width**-0.5 * (2 * layers) ** -0.5
@@ -83,43 +109,14 @@ def make_blocks(width: int, layers: int, heads: int, mlp_ratio: float) -> nn.Mod
     return blocks
 
 
-def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """How many patches survive masking: floor(L·(1 − r)), at least 1.
-
-    This is MAE's and FLIP's ``int(L * (1 - mask_ratio))``, with a 1e-6 tolerance so that float error
-    cannot drop a patch (10·(1 − 0.9) evaluates to 0.99999…). Examples: 196 patches at r = 0.75 keep 49;
-    at r = 0.5 they keep 98.
-    """
-    return max(1, math.floor(num_patches * (1.0 - mask_ratio) + 1e-6))
-
-
-def random_keep_indices(
-    batch: int,
-    num_patches: int,
-    mask_ratio: float,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample random masking, as in MAE's ``random_masking``: argsort uniform noise for each sample.
-
-    Returns ``keep_idx`` (B, K) and ``restore_idx`` (B, L), with K = ``num_kept(L, mask_ratio)``. ``keep_idx``
-    lists the kept patch indices in shuffled order. ``restore_idx`` is the inverse permutation, so gathering
-    ``cat([kept, dropped])`` with it restores the grid order, which is how an MAE decoder puts mask tokens
-    back. The noise is drawn per sample: m3ae_public's shared-per-batch mask is a known pitfall
-    (paper-notes §5.4).
-    """
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
-    shuffle = noise.argsort(dim=1)
-    restore = shuffle.argsort(dim=1)
-    return shuffle[:, : num_kept(num_patches, mask_ratio)], restore
-
-
 class VisionTransformer(nn.Module):
-    """ViT image tower. ``forward`` returns the projected pooled feature, not yet L2-normalised.
+    """ViT image tower. ``forward`` returns the pooled feature, projected to ``embed_dim`` (not yet
+    L2-normalised); with ``embed_dim=None`` there is no projection (MAE and M3AE have no joint embedding).
 
     ``pool`` selects the pooled token(s): ``cls`` takes the CLS token. ``gap``, ``max`` and ``map`` pool the
     patch tokens only, with CLS excluded (see ``trainer.models.pooling`` for why). Position embeddings are
-    added before masking, and the CLS token is never masked (MAE, paper-notes §5.3).
+    added before masking, and the CLS token is never masked (MAE, paper-notes §5.3). ``pos_embed='sincos'``
+    makes them MAE's fixed 2-D sin-cos table, a buffer kept in the state dict under the learned table's name.
     """
 
     def __init__(
@@ -130,38 +127,67 @@ class VisionTransformer(nn.Module):
         layers: int,
         heads: int,
         mlp_ratio: float,
-        embed_dim: int,
+        embed_dim: int | None,
         pool: str,
+        pos_embed: str = "learned",
+        map_heads: int = 0,
     ) -> None:
         super().__init__()
-        self.num_patches = (image_size // patch_size) ** 2
+        grid = image_size // patch_size
+        self.num_patches = grid**2
         self.pool = pool
         self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         # open_clip VisionTransformer: class and position embeddings ~ N(0, width^-0.5).
         scale = width**-0.5
         self.cls_token = nn.Parameter(scale * torch.randn(width))
-        self.pos_embed = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
+        if pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_2d(width, grid))
+        else:
+            self.pos_embed = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
         self.ln_pre = nn.LayerNorm(width)
         self.blocks = make_blocks(width, layers, heads, mlp_ratio)
         self.ln_post = nn.LayerNorm(width)
-        self.pooler = None if pool == "cls" else make_pooler(pool, width, heads)
-        self.proj = nn.Linear(width, embed_dim, bias=False)
-        nn.init.normal_(self.proj.weight, std=scale)
+        self.pooler = None if pool == "cls" else make_pooler(pool, width, map_heads or heads)
+        self.proj = None if embed_dim is None else nn.Linear(width, embed_dim, bias=False)
+        if self.proj is not None:
+            nn.init.normal_(self.proj.weight, std=scale)
 
-    def forward_tokens(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoded sequence after ``ln_post``: (B, 1 + K, D), CLS first, then the kept patches in the
-        order of ``keep_idx`` (all L patches in grid order when ``keep_idx`` is None)."""
+    def embed(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The input sequence (B, 1 + K, D) before ``ln_pre``: CLS, then the kept patches in the order of
+        ``keep_idx`` (all L patches in grid order when it is None), position embeddings already added."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, L, D), row-major over the grid
         x = x + self.pos_embed[1:]
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[0]).to(x.dtype).expand(x.shape[0], 1, -1)
-        x = self.ln_pre(torch.cat([cls, x], dim=1))
+        return torch.cat([cls, x], dim=1)
+
+    def encode(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``ln_pre``, the blocks and ``ln_post`` over a sequence; ``valid`` masks keys (M3AE's captions)."""
+        x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, valid=valid)
         return self.ln_post(x)
 
+    def forward_tokens(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoded sequence after ``ln_post``: (B, 1 + K, D), CLS first, then the kept patches."""
+        return self.encode(self.embed(images, keep_idx))
+
+    def pool_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The pooled feature (B, D) of an encoded sequence, before the projection."""
+        return tokens[:, 0] if self.pooler is None else self.pooler(tokens[:, 1:])
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled and projected (when the tower has a projection)."""
+        pooled = self.pool_tokens(tokens)
+        return pooled if self.proj is None else self.proj(pooled)
+
     def forward(self, images: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.forward_tokens(images, keep_idx)
-        pooled = tokens[:, 0] if self.pooler is None else self.pooler(tokens[:, 1:])
-        return self.proj(pooled)
+        return self.head(self.forward_tokens(images, keep_idx))
+
+
+# Masking helpers live in trainer.models.masking; they stay importable from here for older callers.
+__all__ = [
+    "Attention", "Block", "Mlp", "VisionTransformer", "make_blocks", "num_kept", "random_keep_indices",
+    "sincos_1d", "sincos_2d",
+]
