@@ -6,6 +6,7 @@ environment, exactly as a real deployment configures gcsfs, s3fs and Streaming: 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -67,8 +68,8 @@ class _Env:
 
 
 @pytest.fixture(scope="session")
-def gcs_bucket() -> Iterator[str]:
-    """A bucket on gcp-storage-emulator; yields its ``gs://`` URL."""
+def gcs_emulator() -> Iterator[str]:
+    """gcp-storage-emulator with one bucket; yields the bucket's ``gs://`` URL."""
     port, bucket = free_port(), "maeclip-test"
     process = subprocess.Popen(
         [str(BIN / "gcp-storage-emulator"), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
@@ -82,10 +83,10 @@ def gcs_bucket() -> Iterator[str]:
         "MAECLIP_TEST_ANON_GCS": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(SUPPORT), os.environ.get("PYTHONPATH")])),
     })
-    sys.path.insert(0, str(SUPPORT))
-    from sitecustomize import use_anonymous_google_credentials
-
-    use_anonymous_google_credentials()
+    # Loaded by path: a system-wide `sitecustomize` (Debian ships one) may already own the module name.
+    spec = importlib.util.spec_from_file_location("maeclip_test_anon_gcs", SUPPORT / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the env above makes it patch google.auth.default in this process too
     try:
         yield f"gs://{bucket}"
     finally:
@@ -94,8 +95,8 @@ def gcs_bucket() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def s3_bucket() -> Iterator[str]:
-    """A bucket on moto's S3 server; yields its ``s3://`` URL."""
+def s3_server() -> Iterator[str]:
+    """moto's S3 server with one bucket; yields the bucket's ``s3://`` URL."""
     port, bucket = free_port(), "maeclip-test"
     process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,23 +1,30 @@
 """Data plane v0: the shapes corpus, the tokenizer, MDS on file://, gs:// and s3://, the Streaming loader."""
 
+import hashlib
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from trainer import storage
-from trainer.config import load_config
+from trainer.config import ConfigError, load_config
+from trainer.data.eval_sets import classnames, eval_set_kind, iter_eval_set
 from trainer.data.loader import DataError, build_train_loader, dataset_size, iter_eval_batches
-from trainer.data.shapes import COLORS, SHAPES, make_sample, write_shapes
+from trainer.data.shapes import COLORS, RELATIONS, SHAPES, decode_mask, make_sample, write_shapes
 from trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID, tokenize
 from trainer.data.transforms import decode_image
 
 SUPPORT = Path(__file__).parent / "support"
+V0_IMAGE_DIGESTS = ["058f7802940c5d05", "77e1e21f5bbebb19", "b863c954a8c023a0", "f10d640400cda259"]
 
 
 @given(seed=st.integers(0, 10**6), index=st.integers(0, 10**6), split=st.sampled_from(["train", "eval"]))
@@ -40,6 +47,48 @@ def test_shapes_samples_are_deterministic_and_labelled(seed, index, split):
     # the primary's colour is really drawn at its centre
     x0, y0, x1, y1 = objects[0]["bbox"]
     assert image.getpixel(((x0 + x1) // 2, (y0 + y1) // 2 + 1)) == COLORS[labels["color"]]
+    assert all(f"{o['color']} {o['shape']}" in sample["caption"] for o in objects)
+
+
+@given(seed=st.integers(0, 10**6), index=st.integers(0, 10**6))
+@settings(max_examples=25, deadline=None)
+def test_shapes_masks_match_the_pixels_and_relations_match_the_boxes(seed, index):
+    sample = make_sample(seed, "eval", index)
+    meta, objects = sample["meta"], sample["meta"]["objects"]
+    pixels = np.asarray(decode_image(sample["image"]))
+    label_map = np.asarray(decode_mask(meta))
+    assert label_map.shape == pixels.shape[:2] and set(np.unique(label_map)) <= set(range(len(objects) + 1))
+    palette = np.array(list(COLORS.values()))
+    for number, obj in enumerate(objects, start=1):
+        inside = label_map == number
+        assert inside.sum() == obj["area"] > 0
+        assert (pixels[inside] == COLORS[obj["color"]]).all()
+        ys, xs = np.nonzero(inside)  # the mask lies within the box
+        x0, y0, x1, y1 = obj["bbox"]
+        assert x0 <= xs.min() and xs.max() <= x1 and y0 <= ys.min() and ys.max() <= y1
+    background = pixels[label_map == 0]
+    assert not (background[:, None, :] == palette[None]).all(-1).any()
+    relation = meta["labels"]["relation"]
+    if len(objects) == 1:
+        assert relation is None
+        return
+    boxes = [o["bbox"] for o in objects]
+    first, second = boxes[0], max(boxes[1:], key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+    dx, dy = (first[0] + first[2]) - (second[0] + second[2]), (first[1] + first[3]) - (second[1] + second[3])
+    horizontal = {"left of": dx < 0, "right of": dx > 0}
+    vertical = {"above": dy < 0, "below": dy > 0}
+    assert relation in RELATIONS
+    assert (horizontal if abs(dx) >= abs(dy) else vertical).get(relation), (relation, dx, dy)
+    said = [r for r, words in (("left of", ("left of",)), ("right of", ("right of",)),
+                               ("above", ("above", "over")), ("below", ("below", "under", "beneath")))
+            if any(f" {w} a " in sample["caption"] for w in words)]
+    assert said in ([], [relation])
+
+
+def test_shapes_v1_keeps_the_v0_images():
+    # Known answer: sha256 of make_sample(3, "train", 0..3) images as v0 drew them (commit f88f471).
+    digests = [hashlib.sha256(make_sample(3, "train", i)["image"]).hexdigest()[:16] for i in range(4)]
+    assert digests == V0_IMAGE_DIGESTS
 
 
 def test_different_seeds_and_splits_differ():
@@ -62,28 +111,44 @@ def _write(url: str, n_train: int = 64, n_eval: int = 16) -> dict:
     return write_shapes(url, n_train=n_train, n_eval=n_eval, seed=3)
 
 
-def _read_epoch_with_two_ranks(url: str, tmp_path: Path, batch_size: int) -> list[list[str]]:
-    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-               "--rdzv_endpoint", "localhost:0", str(SUPPORT / "read_epoch.py"), str(tmp_path),
-               "--set", f"data.url={url}", "--set", f"data.batch_size={batch_size}", "--set", "data.num_workers=1",
-               "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+def _torchrun(ranks: int, out_dir: Path, *args: str) -> list[list[str]]:
+    """Run tests/support/read_epoch.py on ``ranks`` ranks; the keys each rank saw."""
+    out_dir.mkdir()
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(ranks), "--rdzv_backend",
+               "c10d", "--rdzv_endpoint", "localhost:0", str(SUPPORT / "read_epoch.py"), str(out_dir), *args]
     subprocess.run(command, check=True, timeout=300, capture_output=True)
-    return [json.loads((tmp_path / f"keys-{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out_dir / f"keys-{rank}.json").read_text()) for rank in range(ranks)]
 
 
 @pytest.mark.parametrize("where", ["file", "gs", "s3"])
 def test_corpus_on_storage_is_read_exactly_once_per_epoch_across_two_ranks(where, tmp_path, request, unique):
     root = {"file": lambda: f"file://{tmp_path}/data",
-            "gs": lambda: request.getfixturevalue("gcs_bucket") + f"/{unique}",
-            "s3": lambda: request.getfixturevalue("s3_bucket") + f"/{unique}"}[where]()
+            "gs": lambda: request.getfixturevalue("gcs_emulator") + f"/{unique}",
+            "s3": lambda: request.getfixturevalue("s3_server") + f"/{unique}"}[where]()
     manifest = _write(root)
     assert manifest["counts"] == {"read": 80, "written": 80, "skipped": {}}
     assert sum(s["samples"] for s in manifest["shards"]) == 80
     assert json.loads(storage.read_text(storage.join(root, "manifest.json"))) == manifest
     assert dataset_size(storage.join(root, "train")) == 64
-    ranks = _read_epoch_with_two_ranks(root, tmp_path, batch_size=8)
+    ranks = _torchrun(2, tmp_path / "epoch", "--set", f"data.url={root}", "--set", "data.batch_size=8",
+                      "--set", "data.num_workers=1", "--set", f"data.cache_dir={tmp_path / 'cache'}")
     assert all(len(keys) == 32 for keys in ranks)
     assert sorted(ranks[0] + ranks[1]) == [f"train-{i:07d}" for i in range(64)]
+
+
+def test_elastic_resume_sees_every_key_exactly_once(tmp_path):
+    # 96 samples divide into 1, 2 and 3 ranks x batch 8; 2 ranks stop after 3 batches each (48 samples), so the
+    # remaining 48 divide evenly too (the exactly-once condition of loader.py).
+    root = f"file://{tmp_path}/data"
+    write_shapes(root, n_train=96, n_eval=1, seed=5)
+    settings = [a for kv in (f"data.url={root}", "data.batch_size=8", "data.num_workers=0") for a in ("--set", kv)]
+    first = _torchrun(2, tmp_path / "first", "--stop-after", "3", *settings)
+    assert [len(keys) for keys in first] == [24, 24]
+    state = str(tmp_path / "first" / "state.json")
+    everything = [f"train-{i:07d}" for i in range(96)]
+    for ranks in (1, 3):
+        rest = _torchrun(ranks, tmp_path / f"resume-{ranks}", "--resume", state, *settings)
+        assert sorted(key for keys in first + rest for key in keys) == everything, ranks
 
 
 def test_missing_and_empty_datasets_are_named(tmp_path):
@@ -115,6 +180,34 @@ def test_loader_state_resumes_mid_epoch(tmp_path):
     assert sorted(seen + rest) == [f"train-{i:07d}" for i in range(64)]
 
 
+def test_loader_knobs_reach_streaming_and_bad_values_are_named(tmp_path):
+    root = f"file://{tmp_path}/data"
+    _write(root)
+    config = load_config("tiny-clip", [f"data.url={root}", "data.batch_size=8", "data.num_workers=0",
+                                       "data.predownload=16", "data.cache_limit=1gb", "data.shuffle_algo=naive",
+                                       "data.shuffle_block_size=4096"])
+    loader = build_train_loader(config)
+    dataset = loader.dataset
+    assert (dataset.predownload, dataset.cache_limit, dataset.shuffle_algo, dataset.shuffle_block_size) == (
+        16, 1 << 30, "naive", 4096)
+    assert sorted(k for batch in loader for k in batch["key"]) == [f"train-{i:07d}" for i in range(64)]
+    for override, needle in (("data.shuffle_algo=py3", "not one of py1e"), ("data.cache_limit=lots", "a size"),
+                             ("data.predownload=-1", "data.predownload")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config("tiny-clip", [override])
+
+
+def test_uneven_corpus_drops_the_partial_batch_without_repeats(tmp_path, caplog):
+    # The documented behaviour off the exactly-once condition: 70 = 8 x 8 + 6, one rank, so 6 samples go unseen.
+    root = f"file://{tmp_path}/data"
+    write_shapes(root, n_train=70, n_eval=1, seed=3)
+    config = load_config("tiny-clip", [f"data.url={root}", "data.batch_size=8", "data.num_workers=0"])
+    with caplog.at_level("WARNING", logger="trainer.data.loader"):
+        keys = [key for batch in build_train_loader(config) for key in batch["key"]]
+    assert "not a multiple of world size 1 x batch size 8" in caplog.text
+    assert len(keys) == len(set(keys)) == 64
+
+
 def test_eval_batches_cover_the_split_in_order(tmp_path):
     root = f"file://{tmp_path}/data"
     _write(root)
@@ -124,3 +217,51 @@ def test_eval_batches_cover_the_split_in_order(tmp_path):
     assert keys == [f"eval-{i:07d}" for i in range(16)]
     assert batches[0]["meta"][0] == make_sample(3, "eval", 0)["meta"]
     assert batches[0]["caption"][0] == make_sample(3, "eval", 0)["caption"]
+
+
+def _png_bytes(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_imagefolder_and_clip_benchmark_webdataset_eval_sets(tmp_path):
+    config = load_config("tiny-clip", [])
+    for label, name in enumerate(["big_cat", "dog"]):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "folder" / name / f"{i}.png").write_bytes(_png_bytes((label * 200, i * 50, 0)))
+    (tmp_path / "folder" / "dog" / "README.txt").write_text("not an image")
+    folder = f"file://{tmp_path}/folder"
+    assert eval_set_kind(folder) == "imagefolder" and classnames(folder) == ["big cat", "dog"]
+    batches = list(iter_eval_set(folder, config, batch_size=4))
+    assert [len(b["key"]) for b in batches] == [4, 2] and batches[0]["image"].shape == (4, 3, 64, 64)
+    assert [m["labels"] for b in batches for m in b["meta"]] == (
+        [{"class": "big cat", "label": 0}] * 3 + [{"class": "dog", "label": 1}] * 3)
+
+    (tmp_path / "wds" / "test").mkdir(parents=True)
+    (tmp_path / "wds" / "classnames.txt").write_text("cat\ndog\nbird\n")
+    for shard in range(2):
+        with tarfile.open(tmp_path / "wds" / "test" / f"{shard}.tar", "w") as tar:
+            for i in range(2):
+                key = f"s{shard}i{i}"
+                _tar_member(tar, f"{key}.png", _png_bytes((0, 0, 100 * i)))
+                _tar_member(tar, f"{key}.cls", str(shard + i).encode())
+                _tar_member(tar, f"{key}.txt", f"caption {key}".encode())
+    wds = f"file://{tmp_path}/wds"
+    assert eval_set_kind(wds) == "webdataset" and classnames(wds) == ["cat", "dog", "bird"]
+    batches = list(iter_eval_set(wds, config, batch_size=3))
+    assert [k for b in batches for k in b["key"]] == ["s0i0", "s0i1", "s1i0", "s1i1"]
+    assert [m["labels"]["class"] for b in batches for m in b["meta"]] == ["cat", "dog", "dog", "bird"]
+    assert batches[0]["caption"][1] == "caption s0i1"
+
+    _write(f"file://{tmp_path}/mds")
+    mds = f"file://{tmp_path}/mds/eval"
+    assert eval_set_kind(mds) == "mds"
+    assert len([k for b in iter_eval_set(mds, config, batch_size=8) for k in b["key"]]) == 16

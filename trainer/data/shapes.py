@@ -3,15 +3,23 @@
 Each sample is drawn from its own ``random.Random`` seeded by (seed, split, index), so a corpus is byte-identical
 for a seed and train/eval never share a sample stream. The largest object is the *primary*: it is mentioned
 first in every caption and its colour and shape are the sample's labels (the zero-shot tasks score them).
+
+v1 adds, per sample, what grounding and counting need: each object's box and visible-pixel mask (one PNG label
+map, pixel value = 1 + object index, 0 = background, drawn exactly as the image), the object count and the
+spatial relation of the primary to the next-largest object; captions vary their wording, the order of the
+secondary objects and mention that relation. Class words (colour and shape names) are never replaced by
+synonyms, so captions and the zero-shot prompts share a vocabulary. v1 images are identical to v0's.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import math
 import random
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,7 +31,9 @@ from streaming import MDSWriter
 
 from trainer import storage
 
-GENERATOR_VERSION = "shapes-v0"
+GENERATOR_VERSION = "shapes-v1"
+# Scenes are drawn from the v0 random stream, so v1 images equal v0 images; v1 changes captions and meta.
+_SCENE_STREAM = "shapes-v0"
 COLUMNS = {"key": "str", "image": "bytes", "caption": "str", "meta": "json"}
 # Saturated, well-separated colours; names are the class names of the colour task.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -36,6 +46,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+RELATIONS = ("left of", "right of", "above", "below")
+# Caption wordings of each relation; synonyms only for words that are not class names.
+_RELATION_WORDS = {"left of": ("to the left of", "left of"), "right of": ("to the right of", "right of"),
+                   "above": ("above", "over"), "below": ("below", "under", "beneath")}
 
 
 @dataclass(frozen=True)
@@ -75,9 +89,8 @@ def _scene(rng: random.Random, size: int) -> list[SceneObject]:
     return objects  # largest first
 
 
-def _draw(obj: SceneObject, draw: ImageDraw.ImageDraw) -> None:
+def _draw(obj: SceneObject, draw: ImageDraw.ImageDraw, fill: tuple[int, int, int] | int) -> None:
     x0, y0, x1, y1 = obj.bbox
-    fill = COLORS[obj.color]
     if obj.shape == "circle":
         draw.ellipse(obj.bbox, fill=fill)
     elif obj.shape == "square":
@@ -98,43 +111,95 @@ def _star_points(cx: float, cy: float, outer: float) -> list[tuple[float, float]
     return points
 
 
-def _render(objects: list[SceneObject], rng: random.Random, size: int) -> bytes:
-    shade = rng.randint(200, 245)
-    background = tuple(min(255, shade + rng.randint(-8, 8)) for _ in range(3))
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    for obj in reversed(objects):  # the primary last, so nothing covers it
-        _draw(obj, draw)
+def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
 
 
+def _render(objects: list[SceneObject], rng: random.Random, size: int) -> tuple[bytes, Image.Image]:
+    """The PNG image and its label map, drawn with the same (unantialiased) polygons in the same order."""
+    shade = rng.randint(200, 245)
+    background = tuple(min(255, shade + rng.randint(-8, 8)) for _ in range(3))
+    image = Image.new("RGB", (size, size), background)
+    label_map = Image.new("L", (size, size), 0)
+    draw, label_draw = ImageDraw.Draw(image), ImageDraw.Draw(label_map)
+    for number in reversed(range(len(objects))):  # the primary last, so nothing covers it
+        _draw(objects[number], draw, COLORS[objects[number].color])
+        _draw(objects[number], label_draw, number + 1)
+    return _png(image), label_map
+
+
+def relation(first: SceneObject, second: SceneObject) -> str:
+    """Where ``first`` is relative to ``second``, along the axis on which their centres are further apart."""
+    dx = (first.bbox[0] + first.bbox[2] - second.bbox[0] - second.bbox[2]) / 2
+    dy = (first.bbox[1] + first.bbox[3] - second.bbox[1] - second.bbox[3]) / 2
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _next_largest(objects: list[SceneObject]) -> SceneObject:
+    return max(objects[1:], key=lambda o: (o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]))
+
+
 def _caption(objects: list[SceneObject], rng: random.Random) -> str:
+    """A caption naming every object, the primary first; multi-object scenes may state the relation."""
     first = objects[0]
+    picture = rng.choice(("a picture of", "an image of", "a drawing of", "a photo of"))
     if len(objects) == 1:
-        frame = rng.choice(("a {c} {s}", "a {c} {s}.", "a picture of a {c} {s}", "a single {c} {s}",
-                            "one {c} {s} on a plain background", "a drawing of a {c} {s}"))
-        return frame.format(c=first.color, s=first.shape)
-    lead = rng.choice(("a big {c} {s}", "a large {c} {s}", "a {c} {s}"))
-    others = [f"a small {o.color} {o.shape}" for o in objects[1:]]
-    rest = " and ".join(others)
-    frame = rng.choice(("{lead} and {rest}", "a picture of {lead} with {rest}", "{lead} next to {rest}",
-                        "{n} shapes: {lead} and {rest}"))
-    return frame.format(lead=lead.format(c=first.color, s=first.shape), rest=rest, n=COUNT_WORDS[len(objects)])
+        frame = rng.choice(("a {c} {s}", "a {c} {s}.", "{p} a {c} {s}", "a single {c} {s}",
+                            "one {c} {s} on a plain background", "{p} one {c} {s}"))
+        return _articles(frame.format(c=first.color, s=first.shape, p=picture))
+    lead = rng.choice(("a big {c} {s}", "a large {c} {s}", "a {c} {s}")).format(c=first.color, s=first.shape)
+    second = _next_largest(objects)
+    others = [o for o in objects[1:] if o is not second]
+    small = rng.choice(("small", "little", "tiny"))
+    if rng.random() < 0.5:
+        words = rng.choice(_RELATION_WORDS[relation(first, second)])
+        text = f"{lead} {words} a {small} {second.color} {second.shape}"
+        if others:
+            text += f" and a {small} {others[0].color} {others[0].shape}"
+        frame = rng.choice(("{t}", "{p} {t}", "{n} shapes: {t}"))
+    else:
+        rest = [second, *others]
+        rng.shuffle(rest)
+        text = lead + rng.choice((" and ", " with ", " next to ")) + " and ".join(
+            f"a {small} {o.color} {o.shape}" for o in rest)
+        frame = rng.choice(("{t}", "{p} {t}", "{n} shapes: {t}"))
+    return _articles(frame.format(t=text, p=picture, n=COUNT_WORDS[len(objects)]))
+
+
+def _articles(text: str) -> str:
+    """'a orange' -> 'an orange' (the only vowel-initial word after 'a' is a colour)."""
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def _meta(objects: list[SceneObject], label_map: Image.Image) -> dict[str, Any]:
+    areas = label_map.histogram()
+    labels = {"color": objects[0].color, "shape": objects[0].shape, "count": len(objects),
+              "relation": relation(objects[0], _next_largest(objects)) if len(objects) > 1 else None}
+    return {
+        "source": GENERATOR_VERSION,
+        "labels": labels,
+        "objects": [{"shape": o.shape, "color": o.color, "bbox": list(o.bbox), "area": areas[n + 1]}
+                    for n, o in enumerate(objects)],
+        "mask_png": base64.b64encode(_png(label_map)).decode("ascii"),
+    }
+
+
+def decode_mask(meta: dict[str, Any]) -> Image.Image:
+    """The label map of a sample's meta (mode L; pixel value 1 + object index, 0 = background)."""
+    return Image.open(io.BytesIO(base64.b64decode(meta["mask_png"])))
 
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
     """One sample of the corpus, in the MDS schema of design §1."""
-    rng = random.Random(f"{GENERATOR_VERSION}/{seed}/{split}/{index}")
+    rng = random.Random(f"{_SCENE_STREAM}/{seed}/{split}/{index}")
     objects = _scene(rng, image_size)
-    meta = {
-        "source": GENERATOR_VERSION,
-        "labels": {"color": objects[0].color, "shape": objects[0].shape, "count": len(objects)},
-        "objects": [{"shape": o.shape, "color": o.color, "bbox": list(o.bbox)} for o in objects],
-    }
-    return {"key": f"{split}-{index:07d}", "image": _render(objects, rng, image_size),
-            "caption": _caption(objects, rng), "meta": meta}
+    image, label_map = _render(objects, rng, image_size)
+    return {"key": f"{split}-{index:07d}", "image": image, "caption": _caption(objects, rng),
+            "meta": _meta(objects, label_map)}
 
 
 def _write_split(url: str, split: str, n: int, seed: int, image_size: int) -> list[dict[str, Any]]:
