@@ -8,6 +8,8 @@ of ``train.run_url``; SIGTERM finishes the step, checkpoints and exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import math
 import os
@@ -24,9 +26,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint, storage, tracking
-from trainer.config import Config, OptimConfig, load_config, to_yaml
+from trainer.config import Config, ConfigError, OptimConfig, load_config, to_yaml
 from trainer.data.loader import build_train_loader
 from trainer.models import build_model, parameter_groups
+from trainer.models.flops import flops_per_sample, mfu
+from trainer.models.vit import Block
 
 log = logging.getLogger("trainer.train")
 
@@ -55,6 +59,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _tags(config: Config) -> dict[str, str]:
@@ -91,17 +99,72 @@ class StopSignal:
         return bool(flag.item())
 
 
+class SampleAudit:
+    """Optional record of the sample keys each step consumed (``$MAECLIP_SAMPLE_AUDIT`` = a folder).
+
+    One JSON line per step and rank, tagged with torchrun's restart count, so a fault test (or an auditor) can
+    check that the steps that survived restarts saw every sample of the epoch exactly once.
+    """
+
+    def __init__(self, folder: str, rank: int) -> None:
+        self.path = os.path.join(folder, f"rank-{rank}.jsonl") if folder else ""
+        self.attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+    def record(self, step: int, keys: list[str]) -> None:
+        if self.path:
+            with open(self.path, "a") as handle:
+                record = {"step": step, "attempt": self.attempt, "pid": os.getpid(), "keys": list(keys)}
+                handle.write(json.dumps(record) + "\n")
+
+
 def _batches(loader) -> Iterator[dict[str, Any]]:
     while True:  # epochs follow one another; Streaming's loader state knows where in the epoch we are
         yield from loader
+
+
+def accumulation_steps(config: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step that make ``train.global_batch_size`` from this world size."""
+    per_pass = config.data.batch_size * world_size
+    wanted = config.train.global_batch_size or per_pass
+    if wanted % per_pass:
+        raise ConfigError(f"train.global_batch_size: {wanted} is not a multiple of data.batch_size x world size "
+                          f"= {per_pass}")
+    return wanted // per_pass
+
+
+def parallelize(model: torch.nn.Module, config: Config, world_size: int) -> torch.nn.Module:
+    """The module the loop calls: DDP over replicas, or FSDP2 with each transformer block sharded."""
+    if world_size > 1 and config.train.parallelism == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            fully_shard(block)
+        return fully_shard(model)
+    if world_size > 1:
+        return DistributedDataParallel(model)
+    return model
+
+
+def _sync_gradients(module: torch.nn.Module, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
+        module.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
 
 
 def train(config: Config) -> None:
     rank, world_size, device = setup_distributed()
     stop = StopSignal()
     cfg_t = config.train
+    if cfg_t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    micro_steps = accumulation_steps(config, world_size)
+    global_batch = config.data.batch_size * world_size * micro_steps
     torch.manual_seed(cfg_t.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
+    module = parallelize(model, config, world_size)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.optim.weight_decay),
         lr=config.optim.lr,
@@ -111,15 +174,15 @@ def train(config: Config) -> None:
     resumed = checkpoint.resume(cfg_t.run_url, model, optimizer)
     start = resumed.step if resumed else 0
     meta = resumed.meta if resumed else {}
-    ddp = DistributedDataParallel(model) if world_size > 1 else model
+    forward = torch.compile(module) if cfg_t.compile else module
 
     loader = build_train_loader(config)
     if meta.get("loader_state"):
         loader.load_state_dict(meta["loader_state"])
-    global_batch = config.data.batch_size * world_size
 
     tracker = None
     run_id = meta.get("mlflow_run_id")
+    flops = flops_per_sample(config.model)
     if rank == 0:
         storage.write_text(storage.join(cfg_t.run_url, "config.yaml"), to_yaml(config))
         uri = config.tracking.uri or tracking.default_tracking_uri()
@@ -127,28 +190,35 @@ def train(config: Config) -> None:
             run_id = tracking.start_or_resume_run(uri, config.tracking.experiment, run_id, config.name, _tags(config))
             tracker = tracking.Tracker(uri, run_id)
             if not resumed:
-                tracker.log_params(config.flat())
+                tracker.log_params(config.flat() | {"flops_per_sample": flops})
         except Exception as err:  # tracking is never a reason not to train
             log.warning("MLflow unavailable (%s); training without tracking", err)
         where = f"step {start} from {resumed.url}" if resumed else "scratch"
-        print(f"[train] {config.name}: {world_size} rank(s), global batch {global_batch}, from {where}", flush=True)
+        print(f"[train] {config.name}: {world_size} rank(s) x {micro_steps} micro-batch(es), global batch "
+              f"{global_batch}, from {where}", flush=True)
 
+    audit = SampleAudit(os.environ.get("MAECLIP_SAMPLE_AUDIT", ""), rank)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = _batches(loader)
     step, last_saved = start, start
     window_start, data_wait = time.perf_counter(), 0.0
     while step < cfg_t.steps:
-        fetch_start = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - fetch_start
         torch.manual_seed(step_seed(cfg_t.seed, step, rank))
         lr = lr_at(step, config.optim, cfg_t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        with autocast:
-            losses = ddp(inputs)
-        losses["loss"].backward()
+        totals: dict[str, torch.Tensor] = {}
+        for micro in range(micro_steps):
+            fetch_start = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - fetch_start
+            audit.record(step + 1, batch["key"])
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            with _sync_gradients(module, micro == micro_steps - 1), autocast:
+                losses = forward(inputs)
+                (losses["loss"] / micro_steps).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0) + value.detach() / micro_steps
         if config.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
@@ -159,16 +229,20 @@ def train(config: Config) -> None:
         if rank == 0 and (step % cfg_t.log_every == 0 or step == cfg_t.steps):
             elapsed = time.perf_counter() - window_start
             steps_in_window = step - max(start, step - cfg_t.log_every) or 1
-            metrics = {f"train/{k}": v.item() for k, v in losses.items()}
+            samples_per_s = steps_in_window * global_batch / elapsed
+            metrics = {f"train/{k}": v.item() for k, v in totals.items()}
             metrics |= {
                 "train/lr": lr,
-                "train/samples_per_s": steps_in_window * global_batch / elapsed,
+                "train/samples_per_s": samples_per_s,
                 "train/data_wait_frac": data_wait / elapsed,
             }
+            utilisation = mfu(samples_per_s, flops, _device_name(device), world_size)
+            if utilisation is not None:
+                metrics["train/mfu"] = utilisation
             if tracker:
                 tracker.log_metrics(metrics, step)
             print(f"[train] step {step}/{cfg_t.steps} loss {metrics['train/loss']:.4f} lr {lr:.2e} "
-                  f"{metrics['train/samples_per_s']:.1f} samples/s", flush=True)
+                  f"{samples_per_s:.1f} samples/s", flush=True)
             window_start, data_wait = time.perf_counter(), 0.0
 
         if step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps or stopping:
