@@ -1,4 +1,5 @@
-"""maeclip's evaluators: zero-shot classification and the gate that decides whether a checkpoint may go on.
+"""maeclip's evaluators: zero-shot classification, linear probes, retrieval, grounding, the suites that run
+them on a checkpoint, watch mode, and the gate that registers passing checkpoints in the MLflow registry.
 
 One module per evaluation; class names and prompt templates live as data in ``assets/`` with their source
 cited. Evaluators read checkpoints and corpora through ``trainer`` and import nothing else of ours

@@ -1,8 +1,16 @@
-"""The gate: may a checkpoint go on? Its metrics must all be finite and meet the policy's thresholds.
+"""The gate: may a checkpoint go on? Its metrics must all be finite, meet the policy's thresholds and not
+regress against the registered champion; a checkpoint that passes becomes a model version.
 
-A policy is data (YAML or JSON, ``{"thresholds": [{"metric": "eval/zeroshot/shapes-color/top1", "min": 0.3}]}``)
-so a pipeline can change it without code. A non-finite metric anywhere means the run diverged, which fails the
-gate whether or not a threshold names it. ``Decision.to_json`` is the one line a pipeline step parses.
+A policy is data, YAML or JSON, so a pipeline can change it without code::
+
+    thresholds: [{metric: eval/zeroshot/shapes-color/top1, min: 0.3}]
+    champion: {metric: eval/zeroshot/shapes-color/top1, tolerance: 0.02}   # optional; higher is better
+
+A non-finite metric anywhere means the run diverged, which fails the gate whether or not a threshold names
+it. With a ``champion`` rule, a candidate more than ``tolerance`` below the champion's value fails; one within
+the tolerance is registered and becomes ``candidate`` only; one strictly above it also becomes ``champion``
+(with no champion yet, the first passing checkpoint is). ``Decision.to_json`` is the one line a pipeline
+step parses.
 """
 
 from __future__ import annotations
@@ -30,14 +38,36 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class ChampionRule:
+    metric: str
+    tolerance: float = 0.0
+
+
+def _finite_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+
+
+def _champion_rule(entry: Any) -> ChampionRule:
+    if not isinstance(entry, Mapping) or "metric" not in entry or set(entry) - {"metric", "tolerance"}:
+        raise PolicyError(f"champion: expected {{metric: NAME, tolerance: NUMBER}}, got {entry!r}")
+    metric, tolerance = entry["metric"], entry.get("tolerance", 0.0)
+    if not isinstance(metric, str) or not metric:
+        raise PolicyError(f"champion.metric: expected a metric name, got {metric!r}")
+    if not _finite_number(tolerance) or tolerance < 0:
+        raise PolicyError(f"champion.tolerance: expected a finite number ≥ 0, got {tolerance!r}")
+    return ChampionRule(metric, float(tolerance))
+
+
+@dataclass(frozen=True)
 class Policy:
     thresholds: tuple[Threshold, ...] = ()
+    champion: ChampionRule | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
-        """Validate a policy mapping strictly: unknown keys and non-finite or non-numeric minimums are errors."""
-        if not isinstance(data, Mapping) or set(data) - {"thresholds"}:
-            raise PolicyError(f"a policy is a mapping with one key, 'thresholds'; got {data!r}")
+        """Validate strictly: unknown keys and non-finite or non-numeric minimums are errors."""
+        if not isinstance(data, Mapping) or set(data) - {"thresholds", "champion"}:
+            raise PolicyError(f"a policy is a mapping with keys 'thresholds' and 'champion'; got {data!r}")
         entries = data.get("thresholds") or []
         if not isinstance(entries, list):
             raise PolicyError(f"thresholds: expected a list, got {entries!r}")
@@ -48,10 +78,11 @@ class Policy:
             metric, low = entry["metric"], entry["min"]
             if not isinstance(metric, str) or not metric:
                 raise PolicyError(f"thresholds[{i}].metric: expected a metric name, got {metric!r}")
-            if isinstance(low, bool) or not isinstance(low, int | float) or not math.isfinite(low):
+            if not _finite_number(low):
                 raise PolicyError(f"thresholds[{i}].min: expected a finite number, got {low!r}")
             thresholds.append(Threshold(metric, float(low)))
-        return cls(tuple(thresholds))
+        champion = _champion_rule(data["champion"]) if data.get("champion") is not None else None
+        return cls(tuple(thresholds), champion)
 
 
 def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
@@ -73,11 +104,16 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     # The metrics the policy names, as found (None when missing).
     checked: dict[str, float | None] = field(default_factory=dict)
+    # What the registry did: model, version, aliases moved, champion before and after (None: not consulted).
+    registry: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """One line of strict JSON; non-finite values are written as the strings "nan", "inf", "-inf"."""
         checked = {k: v if v is None or math.isfinite(v) else str(v) for k, v in self.checked.items()}
-        return json.dumps({"passed": self.passed, "reasons": self.reasons, "checked": checked}, allow_nan=False)
+        line: dict[str, Any] = {"passed": self.passed, "reasons": self.reasons, "checked": checked}
+        if self.registry is not None:
+            line["registry"] = self.registry
+        return json.dumps(line, allow_nan=False)
 
 
 def _as_float(value: Any) -> float | None:
@@ -104,3 +140,61 @@ def decide(metrics: Mapping[str, Any], policy: Policy) -> Decision:
         elif number is not None and math.isfinite(number) and number < threshold.min:
             reasons.append(f"{threshold.metric} = {number:.6g} is below its minimum {threshold.min}")
     return Decision(passed=not reasons, reasons=reasons, checked=checked)
+
+
+def against_champion(
+    metrics: Mapping[str, Any], rule: ChampionRule, champion: Mapping[str, float] | None
+) -> tuple[str | None, bool]:
+    """(a failure reason or None, whether the candidate beats the champion) under ``rule``.
+
+    No champion yet: no regression, and the candidate is better. A champion without the metric (registered
+    under another policy) cannot be compared, so the candidate does not replace it.
+    """
+    value = _as_float(metrics.get(rule.metric))
+    if champion is None:
+        return None, True
+    best = champion.get(rule.metric)
+    if value is None or best is None:
+        return None, False
+    if value < best - rule.tolerance:
+        return (f"{rule.metric} = {value:.6g} regressed beyond {rule.tolerance} from the champion's "
+                f"{best:.6g}"), False
+    return None, value > best
+
+
+def run_gate(
+    checkpoint_url: str, policy: Policy, *, model_name: str, tracking_uri: str, register: bool = True
+) -> Decision:
+    """Gate a checkpoint by its ``metrics.json``; on pass register it and move the aliases.
+
+    A passing checkpoint is also marked ``PROMOTED`` so checkpoint retention keeps it (design §5).
+    """
+    from evaluators.registry import CANDIDATE, CHAMPION, Registry
+    from trainer.checkpoint import mark, read_meta
+
+    metrics = json.loads(storage.read_text(storage.join(checkpoint_url, "metrics.json")))["metrics"]
+    decision = decide(metrics, policy)
+    if not register:
+        return decision
+    registry = Registry(tracking_uri, model_name)
+    champion = registry.by_alias(CHAMPION)
+    better = champion is None
+    if policy.champion is not None and decision.passed:
+        reason, better = against_champion(metrics, policy.champion, champion and champion.metrics)
+        if reason:
+            decision.reasons.append(reason)
+            decision.passed = False
+    outcome: dict[str, Any] = {"model": model_name, "version": None, "aliases": [],
+                               "champion_before": champion and champion.version}
+    if decision.passed:
+        version = registry.register(checkpoint_url, metrics, read_meta(checkpoint_url))
+        registry.set_alias(CANDIDATE, version)
+        outcome["version"], outcome["aliases"] = version.version, [CANDIDATE]
+        if better:
+            registry.set_alias(CHAMPION, version)
+            outcome["aliases"].append(CHAMPION)
+        mark(checkpoint_url, "PROMOTED", json.dumps(outcome))
+    champion_now = outcome["version"] if CHAMPION in outcome["aliases"] else outcome["champion_before"]
+    outcome["champion"] = champion_now
+    decision.registry = outcome
+    return decision

@@ -9,7 +9,6 @@ is scored by streaming its corpus' eval split once, so every task reuses the sam
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evaluators import report
 from trainer import storage
+from trainer.checkpoint import load_for_eval
+from trainer.data.eval_sets import classnames
+from trainer.data.loader import iter_eval_batches
+from trainer.data.tokenizer import tokenize
+from trainer.models import build_model
+from trainer.tracking import default_tracking_uri
 
-log = logging.getLogger(__name__)
 SHAPES_TASKS = Path(__file__).parent / "assets" / "shapes.json"
+# For users who have ImageNet as an ImageFolder or clip_benchmark set (trainer.data.eval_sets).
+IMAGENET_TASKS = Path(__file__).parent / "assets" / "imagenet1k.json"
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,15 @@ def load_tasks(path: Path = SHAPES_TASKS) -> list[Task]:
     ]
 
 
+def eval_set_task(url: str, name: str, templates: Sequence[str]) -> Task:
+    """A task over an ImageFolder or clip_benchmark eval set's own class names, scored by its integer labels.
+
+    With ImageNet stored as either, ``load_tasks(IMAGENET_TASKS)`` gives OpenAI's curated names instead of
+    the folders' wnids.
+    """
+    return Task(name, "label", tuple(classnames(url)), tuple(templates))
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -52,13 +68,11 @@ def _device(model: nn.Module) -> torch.device:
 def zero_shot_classifier(
     model: nn.Module, classnames: Sequence[str], templates: Sequence[str], context_length: int
 ) -> torch.Tensor:
-    """(C, E) unit-norm class embeddings: per class, the renormalised mean of its normalised prompt embeddings.
+    """(C, E) unit-norm class embeddings: per class, the renormalised mean of its prompt embeddings.
 
     Averaging over several templates ("prompt ensembling") is what CLIP reports as worth several points of
     ImageNet accuracy (Radford et al. 2021, §3.1.4); open_clip's ``build_zero_shot_classifier`` does the same.
     """
-    from trainer.data.tokenizer import tokenize
-
     device = _device(model)
     rows = []
     for name in classnames:
@@ -86,8 +100,12 @@ def _label_indices(task: Task, metas: Iterable[dict[str, Any]]) -> list[int]:
     indices = []
     for meta in metas:
         label = meta["labels"][task.label_key]
+        if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.classnames):
+            indices.append(label)  # eval sets of class indices (ImageFolder, clip_benchmark)
+            continue
         if label not in task.classnames:
-            raise ValueError(f"{task.name}: label '{label}' is not one of its classes {list(task.classnames)}")
+            classes = list(task.classnames)
+            raise ValueError(f"{task.name}: label '{label}' is not one of its classes {classes}")
         indices.append(task.classnames.index(label))
     return indices
 
@@ -123,41 +141,30 @@ def score_tasks(
 ) -> dict[str, float]:
     """``eval/zeroshot/<task>/{top1,top5,chance}`` for every task, from one pass over ``batches``."""
     model.eval()
+    # Classifiers first: a model without a text tower fails here, before the split is streamed.
+    classifiers = {
+        t.name: zero_shot_classifier(model, t.classnames, t.templates, context_length) for t in tasks
+    }
     features, labels = _encode_split(model, batches, tasks, progress_every)
     metrics: dict[str, float] = {}
     for task in tasks:
-        classifier = zero_shot_classifier(model, task.classnames, task.templates, context_length)
-        for name, value in zero_shot_accuracy(features, classifier, labels[task.name]).items():
+        for name, value in zero_shot_accuracy(features, classifiers[task.name], labels[task.name]).items():
             metrics[f"eval/zeroshot/{task.name}/{name}"] = value
         metrics[f"eval/zeroshot/{task.name}/chance"] = 1.0 / len(task.classnames)
     return metrics
 
 
-def _log_to_mlflow(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log to the training run at the checkpoint's step; an outage is a warning, never an exception."""
-    from trainer.tracking import Tracker
-
-    tracker = Tracker(uri, run_id, max_attempts=3)
-    tracker.log_metrics(metrics, step)
-    if tracker.close():
-        log.warning("zero-shot metrics of step %d not logged to MLflow run %s at %s; metrics.json has them",
-                    step, run_id, uri)
-
-
 def evaluate_checkpoint(
     checkpoint_url: str, *, batch_size: int = 256, tracking_uri: str | None = None, progress_every: int = 10
 ) -> dict[str, float]:
-    """Score a committed checkpoint on the shapes tasks; write ``metrics.json`` beside it and log to MLflow.
+    """Score a committed checkpoint on the shapes tasks; merge them into ``metrics.json`` and log to MLflow.
 
-    The metrics file is written before MLflow is tried, so an unreachable tracking server loses nothing. The
+    This is the ``quick`` suite (``evaluators.suite``) kept callable on its own for the kfp components. The
+    metrics file is written before MLflow is tried, so an unreachable tracking server loses nothing. The
     MLflow run is the training run recorded in the checkpoint's meta (none: no MLflow logging); the tracking
-    URI is ``tracking_uri``, else the checkpoint config's, else ``$MLFLOW_TRACKING_URI`` or the embedded store.
+    URI is ``tracking_uri``, else the checkpoint config's, else ``$MLFLOW_TRACKING_URI`` or the embedded
+    store.
     """
-    from trainer.checkpoint import load_for_eval
-    from trainer.data.loader import iter_eval_batches
-    from trainer.models import build_model
-    from trainer.tracking import default_tracking_uri
-
     config, weights, meta = load_for_eval(checkpoint_url)
     model = build_model(config.model)
     model.load_state_dict(weights)
@@ -165,10 +172,9 @@ def evaluate_checkpoint(
     batches = iter_eval_batches(storage.join(config.data.url, "eval"), config, batch_size)
     metrics = score_tasks(model, batches, load_tasks(), config.model.context_length,
                           progress_every=progress_every)
-    step = int(meta["step"])
-    report = {"step": step, "samples_seen": meta.get("samples_seen"), "metrics": metrics}
-    storage.write_text(storage.join(checkpoint_url, "metrics.json"), json.dumps(report, indent=1))
+    report.write_metrics(checkpoint_url, meta, metrics, "zeroshot")
     run_id = meta.get("mlflow_run_id")
     if run_id:
-        _log_to_mlflow(tracking_uri or config.tracking.uri or default_tracking_uri(), run_id, metrics, step)
+        uri = tracking_uri or config.tracking.uri or default_tracking_uri()
+        report.log_metrics(uri, run_id, metrics, int(meta["step"]))
     return metrics

@@ -100,6 +100,19 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     print(json.dumps({"url": out, "counts": manifest.get("counts", manifest.get("splits"))}))
 
 
+def _cmd_data_ingest(args: argparse.Namespace) -> None:
+    from trainer.data.ingest import IngestOptions, ingest
+
+    options = IngestOptions(format=args.format, split=args.split, resize=args.resize,
+                            jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
+                            image_column=args.image_column, caption_column=args.caption_column,
+                            key_column=args.key_column, caption_template=args.caption_template)
+    manifest = ingest(normalize_url(args.src, "SRC"), normalize_url(args.out, "--out"), options,
+                      on_error=args.on_error, workers=args.workers)
+    print(json.dumps({"url": normalize_url(args.out, "--out"), "counts": manifest["counts"],
+                      "splits": manifest["splits"]}))
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     print(run_training(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                        scheduler=args.scheduler))
@@ -118,18 +131,40 @@ def _resolve_checkpoint(url: str) -> str:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from evaluators.zeroshot import evaluate_checkpoint
+    from evaluators.suite import SUITES, SuiteOptions, run_suite
 
-    metrics = evaluate_checkpoint(_resolve_checkpoint(args.checkpoint), tracking_uri=args.tracking_uri)
+    if args.suite not in SUITES:
+        raise UsageError(f"unknown suite '{args.suite}' (suites: {', '.join(SUITES)})")
+    options = SuiteOptions(batch_size=args.batch_size)
+    if args.watch:
+        from evaluators.watch import watch
+
+        run_url = normalize_url(args.checkpoint, "--checkpoint")
+        for url, metrics in watch(run_url, args.suite, tracking_uri=args.tracking_uri, options=options,
+                                  poll_s=args.poll_s, timeout_s=args.timeout_s):
+            print(json.dumps({"checkpoint": url, "metrics": metrics}), flush=True)
+        return
+    metrics = run_suite(_resolve_checkpoint(args.checkpoint), args.suite, tracking_uri=args.tracking_uri,
+                        options=options)
     print(json.dumps(metrics, indent=1))
 
 
 def _cmd_gate(args: argparse.Namespace) -> None:
-    from evaluators.gate import decide, load_policy
+    from evaluators.gate import PolicyError, load_policy, run_gate
+    from trainer.config import from_yaml
+    from trainer.tracking import default_tracking_uri
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
-    metrics = json.loads(storage.read_text(storage.join(checkpoint, "metrics.json")))["metrics"]
-    decision = decide(metrics, load_policy(args.policy))
+    if not storage.exists(storage.join(checkpoint, "metrics.json")):
+        raise UsageError(f"no metrics.json at {checkpoint}: run `maeclip eval --checkpoint URL` first")
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as err:
+        raise UsageError(str(err)) from err
+    config = from_yaml(storage.read_text(storage.join(checkpoint, "config.yaml")))
+    uri = args.tracking_uri or config.tracking.uri or default_tracking_uri()
+    decision = run_gate(checkpoint, policy, model_name=args.model_name, tracking_uri=uri,
+                        register=not args.no_register)
     print(decision.to_json())
     if not decision.passed:
         sys.exit(1)
@@ -185,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--n-eval", type=int, default=512, help="evaluation samples")
     shapes.add_argument("--seed", type=int, default=0)
     shapes.set_defaults(func=_cmd_data_shapes)
+    ingest = data.add_parser("ingest", help="convert webdataset tars, parquet, CSV or image folders to MDS")
+    ingest.add_argument("src", help="source folder or file (path, file://, gs://, s3://)")
+    ingest.add_argument("--format", required=True, choices=["webdataset", "parquet", "csv", "imagefolder"])
+    ingest.add_argument("--out", required=True, help="corpus URL; samples go to OUT/SPLIT")
+    ingest.add_argument("--split", default="train")
+    ingest.add_argument("--on-error", choices=["skip", "fail"], default="skip")
+    ingest.add_argument("--resize", type=int, default=256, help="shorter side in px (0 keeps images as stored)")
+    ingest.add_argument("--jpeg-quality", type=int, default=90)
+    ingest.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images are skipped")
+    ingest.add_argument("--image-column", default="image")
+    ingest.add_argument("--caption-column", default="caption")
+    ingest.add_argument("--key-column", default="key")
+    ingest.add_argument("--caption-template", default="a photo of a {class}.", help="imagefolder captions")
+    ingest.add_argument("--workers", type=int, default=1, help="input shards converted in parallel")
+    ingest.set_defaults(func=_cmd_data_ingest)
 
     def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
         p.add_argument("--config", "--preset", dest="config", required=required, default="tiny-clip",
@@ -199,13 +249,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint (or a run's newest one)")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", required=True,
+                          help="a checkpoint, or a run URL (its newest; with --watch: each one)")
+    evaluate.add_argument("--suite", default="default", help="quick (zero-shot), default, full")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--watch", action="store_true",
+                          help="evaluate each new COMMITTED checkpoint of the run until training is done")
+    evaluate.add_argument("--poll-s", type=float, default=30.0, help="--watch: seconds between looks")
+    evaluate.add_argument("--timeout-s", type=float, default=None, help="--watch: give up after this long")
     evaluate.add_argument("--tracking-uri", default=None)
     evaluate.set_defaults(func=_cmd_eval)
 
     gate = sub.add_parser("gate", help="gate a checkpoint's metrics against a policy")
     gate.add_argument("--checkpoint", required=True)
     gate.add_argument("--policy", required=True, help="YAML or JSON policy file")
+    gate.add_argument("--model-name", default="maeclip", help="registered model of the passing checkpoints")
+    gate.add_argument("--tracking-uri", default=None, help="MLflow tracking and registry URI")
+    gate.add_argument("--no-register", action="store_true",
+                      help="thresholds and finiteness only: no champion comparison, no registration")
     gate.set_defaults(func=_cmd_gate)
 
     pipeline = sub.add_parser("pipeline", help="compile or run the kfp pipeline")

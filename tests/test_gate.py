@@ -1,4 +1,5 @@
-"""Gate v0: non-finite, missing and below-threshold metrics fail with a reason naming the metric; the rest pass."""
+"""The gate's decision: non-finite, missing and below-threshold metrics fail, with a reason naming the metric;
+the champion rule's regression and improvement known answers. (The registry side: tests/test_registry.py.)"""
 
 import json
 import math
@@ -7,7 +8,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from evaluators.gate import Decision, Policy, PolicyError, Threshold, decide, load_policy
+from evaluators.gate import (
+    ChampionRule,
+    Decision,
+    Policy,
+    PolicyError,
+    Threshold,
+    against_champion,
+    decide,
+    load_policy,
+)
 
 COLOR = "eval/zeroshot/shapes-color/top1"
 SHAPE = "eval/zeroshot/shapes-shape/top1"
@@ -101,6 +111,10 @@ def test_policy_loads_from_yaml_json_and_dict_alike(tmp_path):
         ({"thresholds": [{"metric": COLOR, "min": math.nan}]}, "thresholds[0].min"),
         ({"thresholds": [{"metric": COLOR, "min": True}]}, "thresholds[0].min"),
         ({"thresholds": [{"metric": "", "min": 0.1}]}, "thresholds[0].metric"),
+        ({"champion": {"metric": COLOR, "tolerance": -0.1}}, "champion.tolerance"),
+        ({"champion": {"metric": COLOR, "tolerance": math.inf}}, "champion.tolerance"),
+        ({"champion": {"tolerance": 0.1}}, "champion"),
+        ({"champion": {"metric": 3}}, "champion.metric"),
     ],
 )
 def test_malformed_policies_are_refused_naming_the_entry(data, names):
@@ -114,3 +128,28 @@ def test_an_unreadable_policy_file_is_a_policy_error(tmp_path):
     (tmp_path / "bad.yaml").write_text("thresholds: [unclosed\n")
     with pytest.raises(PolicyError, match="not YAML/JSON"):
         load_policy(tmp_path / "bad.yaml")
+
+
+def test_policy_with_a_champion_rule():
+    policy = load_policy({"thresholds": [], "champion": {"metric": COLOR, "tolerance": 0.02}})
+    assert policy.champion == ChampionRule(COLOR, 0.02)
+    assert load_policy({"champion": {"metric": COLOR}}).champion == ChampionRule(COLOR, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "champion", "expected"),
+    [
+        (0.5, None, (None, True)),  # no champion yet: the first passing checkpoint becomes it
+        (0.61, {COLOR: 0.6}, (None, True)),  # strictly better
+        (0.6, {COLOR: 0.6}, (None, False)),  # equal: candidate only
+        (0.55, {COLOR: 0.6}, (None, False)),  # a regression within the tolerance
+        (0.6, {SHAPE: 0.9}, (None, False)),  # a champion without the metric cannot be compared
+    ],
+)
+def test_against_champion_known_answers(value, champion, expected):
+    assert against_champion({COLOR: value}, ChampionRule(COLOR, 0.05), champion) == expected
+
+
+def test_a_regression_beyond_the_tolerance_fails_naming_the_metric():
+    reason, better = against_champion({COLOR: 0.5}, ChampionRule(COLOR, 0.05), {COLOR: 0.6})
+    assert not better and reason.startswith(f"{COLOR} = 0.5 regressed beyond 0.05")

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from mlflow import MlflowClient
 
 from evaluators.zeroshot import (
+    IMAGENET_TASKS,
     SHAPES_TASKS,
     Task,
     _label_indices,
+    eval_set_task,
     evaluate_checkpoint,
     load_tasks,
     score_tasks,
@@ -23,6 +25,7 @@ from evaluators.zeroshot import (
 )
 from trainer import checkpoint, storage
 from trainer.config import load_config
+from trainer.data.eval_sets import iter_eval_set
 from trainer.data.loader import iter_eval_batches
 from trainer.data.shapes import COLORS, SHAPES, write_shapes
 from trainer.data.tokenizer import tokenize
@@ -33,11 +36,12 @@ from trainer.models import build_model
 
 
 def test_accuracy_known_answer():
-    # Three images, two classes; cosine scores by hand: image 0 -> class 0, image 1 -> class 1, image 2 -> class 0.
+    # Three images, two classes; by hand, the best class of images 0, 1, 2 is 0, 1, 0.
     features = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0], [0.9, 0.8]]), dim=-1)
     classifier = torch.eye(2)
     labels = torch.tensor([0, 1, 1])
-    assert zero_shot_accuracy(features, classifier, labels, topk=(1, 2)) == {"top1": pytest.approx(2 / 3), "top2": 1.0}
+    result = zero_shot_accuracy(features, classifier, labels, topk=(1, 2))
+    assert result == {"top1": pytest.approx(2 / 3), "top2": 1.0}
 
 
 @given(classes=st.integers(1, 12), samples=st.integers(1, 40), seed=st.integers(0, 2**16))
@@ -214,3 +218,37 @@ def test_a_checkpoint_without_a_run_id_is_scored_without_mlflow(tmp_path, corpus
     evaluate_checkpoint(url, batch_size=32, tracking_uri=f"sqlite:///{unused}")
     assert not unused.exists()
     assert storage.exists(storage.join(url, "metrics.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageNet assets and eval sets that are not MDS.
+
+
+def test_imagenet_assets_hold_the_1000_names_and_80_templates():
+    data = json.loads(IMAGENET_TASKS.read_text())
+    assert "open_clip" in data["source"] and "Radford" in data["source"]
+    (task,) = load_tasks(IMAGENET_TASKS)
+    assert len(task.classnames) == 1000 and len(task.templates) == 80 and task.label_key == "label"
+    assert task.classnames[0] == "tench" and task.classnames[-1] == "toilet paper"
+    assert all(t.count("{}") == 1 for t in task.templates) and len(set(task.templates)) == 80
+    assert task.templates[0] == "a bad photo of a {}."
+
+
+def test_an_image_folder_is_scored_by_its_own_class_names(tmp_path, tiny):
+    from PIL import Image
+
+    model, config = tiny
+    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 225)), ("green", (40, 170, 60))):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("RGB", (64, 64), tuple(c + 5 * i for c in colour)).save(tmp_path / name / f"{i}.png")
+    task = eval_set_task(str(tmp_path), "folder-colour", ("a {} shape.",))
+    assert task.classnames == ("blue", "green", "red")
+    metrics = score_tasks(model, iter_eval_set(str(tmp_path), config, 4), [task], config.model.context_length)
+    classifier = zero_shot_classifier(model, task.classnames, task.templates, config.model.context_length)
+    batches = list(iter_eval_set(str(tmp_path), config, 4))
+    with torch.no_grad():
+        predicted = torch.cat([model.encode_image(b["image"]) for b in batches]) @ classifier.T
+    labels = torch.tensor([m["labels"]["label"] for b in batches for m in b["meta"]])
+    assert metrics["eval/zeroshot/folder-colour/top1"] == pytest.approx(
+        (predicted.argmax(dim=1) == labels).float().mean().item())

@@ -1,0 +1,157 @@
+"""The gate against a real MLflow server on loopback: NaN and below-threshold checkpoints fail and register
+nothing; a pass registers a model version (weights, config, metrics); a regression within the tolerance is
+`candidate` only, one beyond it fails; an improvement moves `champion`. Also through `maeclip gate`."""
+
+import json
+import math
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from mlflow import MlflowClient
+
+from evaluators import report
+from evaluators.gate import Policy, load_policy, run_gate
+from evaluators.registry import Registry
+from pipelines.cli import main
+from trainer import checkpoint, storage
+from trainer.config import load_config
+from trainer.models import build_model
+
+METRIC = "eval/zeroshot/shapes-color/top1"
+POLICY = load_policy({"thresholds": [{"metric": METRIC, "min": 0.3}],
+                      "champion": {"metric": METRIC, "tolerance": 0.05}})
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``mlflow server`` with a sqlite store on a free loopback port (as tests/test_tracking.py starts it)."""
+    import socket
+
+    tmp = tmp_path_factory.mktemp("mlflow")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    process = subprocess.Popen(
+        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+         "--default-artifact-root", f"file://{tmp / 'artifacts'}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if time.time() > deadline or process.poll() is not None:
+                    raise RuntimeError("MLflow server did not become healthy") from None
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny model and a run URL to save checkpoints of it into."""
+    config = load_config("tiny-clip", [f"train.run_url=file://{tmp_path_factory.mktemp('run')}"])
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    return config, model, torch.optim.AdamW(model.parameters())
+
+
+def _checkpoint(run, step: int, value: float) -> str:
+    config, model, optimizer = run
+    url = checkpoint.save(config.train.run_url, step, model, optimizer, config, {"samples_seen": step})
+    metrics = {METRIC: value, "eval/zeroshot/shapes-color/top5": 1.0}
+    report.write_metrics(url, {"step": step}, metrics, "quick")
+    return url
+
+
+def _gate(url: str, uri: str, name: str, policy: Policy = POLICY):
+    return run_gate(url, policy, model_name=name, tracking_uri=uri)
+
+
+def test_nan_and_below_threshold_fail_and_register_nothing(server, run):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    for step, value in ((10, math.nan), (11, 0.1)):
+        decision = _gate(_checkpoint(run, step, value), server, name)
+        assert not decision.passed and decision.registry["version"] is None
+        assert json.loads(decision.to_json())["passed"] is False
+    assert MlflowClient(server).search_model_versions(f"name='{name}'") == []
+
+
+def test_champion_moves_on_improvement_only(server, run):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    registry = Registry(server, name)
+
+    first = _gate(_checkpoint(run, 20, 0.60), server, name)
+    assert first.passed and first.registry["aliases"] == ["candidate", "champion"]
+    assert registry.by_alias("champion").version == first.registry["version"]
+
+    # Within the tolerance below the champion: registered, candidate only; the champion stays.
+    within = _gate(_checkpoint(run, 21, 0.57), server, name)
+    assert within.passed and within.registry["aliases"] == ["candidate"]
+    assert registry.by_alias("candidate").version == within.registry["version"]
+    assert registry.by_alias("champion").version == first.registry["version"]
+    assert within.registry["champion"] == first.registry["version"]
+
+    # Beyond the tolerance: the gate fails, nothing is registered, the aliases stay.
+    beyond = _gate(_checkpoint(run, 22, 0.50), server, name)
+    assert not beyond.passed and "regressed" in beyond.reasons[0] and beyond.registry["version"] is None
+    assert registry.by_alias("candidate").version == within.registry["version"]
+
+    better = _gate(_checkpoint(run, 23, 0.70), server, name)
+    assert better.passed and better.registry["aliases"] == ["candidate", "champion"]
+    champion = registry.by_alias("champion")
+    assert champion.version == better.registry["version"] and champion.metrics[METRIC] == pytest.approx(0.70)
+    versions = MlflowClient(server).search_model_versions(f"name='{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+
+
+def test_a_registered_version_holds_weights_config_and_metrics(server, run, tmp_path):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    url = _checkpoint(run, 30, 0.9)
+    decision = _gate(url, server, name)
+    assert storage.exists(storage.join(url, "PROMOTED"))
+    client = MlflowClient(server)
+    version = client.get_model_version(name, decision.registry["version"])
+    assert version.tags["checkpoint_url"] == url
+    local = Path(client.download_artifacts(version.run_id, "checkpoint", str(tmp_path)))
+    assert sorted(p.name for p in local.iterdir()) == ["config.yaml", "metrics.json", "weights.safetensors"]
+    saved = safetensors.torch.load(storage.read_bytes(storage.join(url, "weights.safetensors")))
+    loaded = safetensors.torch.load_file(str(local / "weights.safetensors"))
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert json.loads((local / "metrics.json").read_text())["metrics"][METRIC] == 0.9
+    assert client.get_run(version.run_id).data.metrics[METRIC] == 0.9
+
+
+def test_maeclip_gate_prints_one_decision_line_and_exits_by_it(server, run, tmp_path, capsys):
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"thresholds:\n  - metric: {METRIC}\n    min: 0.3\n")
+    good, bad = _checkpoint(run, 40, 0.8), _checkpoint(run, 41, 0.2)
+    arguments = ["--policy", str(policy), "--tracking-uri", server, "--model-name", name]
+    main(["gate", "--checkpoint", good, *arguments])
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1  # the decision is the only line on stdout
+    line = json.loads(out)
+    assert line["passed"] is True and line["registry"]["aliases"] == ["candidate", "champion"]
+    with pytest.raises(SystemExit) as exited:
+        main(["gate", "--checkpoint", bad, *arguments])
+    assert exited.value.code == 1
+    assert json.loads(capsys.readouterr().out.strip())["passed"] is False
