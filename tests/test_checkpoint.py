@@ -19,9 +19,13 @@ def _model_and_optimizer(seed: int):
     return model, optimizer
 
 
-@pytest.fixture
-def config(tmp_path):
-    return load_config("tiny-clip", [f"train.run_url=file://{tmp_path}/run", "train.keep_last=2"])
+@pytest.fixture(params=["file", "gs", "s3"])
+def config(request, tmp_path, unique):
+    """A run URL on local disk, on gcp-storage-emulator and on moto's S3 server: DCP's fsspec path is real."""
+    root = {"file": lambda: f"file://{tmp_path}",
+            "gs": lambda: request.getfixturevalue("gcs_emulator"),
+            "s3": lambda: request.getfixturevalue("s3_server")}[request.param]()
+    return load_config("tiny-clip", [f"train.run_url={root}/{unique}/run", "train.keep_last=2"])
 
 
 def test_save_writes_every_file_and_commits_last(config):
@@ -61,10 +65,8 @@ def test_directory_without_committed_is_ignored_and_torn_checkpoint_skipped(conf
     storage.write_text(storage.join(run, "checkpoints", "step-000000006", "meta.json"), "{}")
     assert [s for s, _ in checkpoint.committed_checkpoints(run)] == [2, 4]
     # truncate step 4's shard: resume falls back to step 2 with a warning
-    shard = next(n for n in storage.list_dir(url4) if n.endswith(".distcp"))
-    path = storage.local_path(storage.join(url4, shard))
-    with open(path, "r+b") as handle:
-        handle.truncate(10)
+    shard = storage.join(url4, next(n for n in storage.list_dir(url4) if n.endswith(".distcp")))
+    storage.write_bytes(shard, storage.read_bytes(shard)[:10])
     target, target_optimizer = _model_and_optimizer(3)
     resumed = checkpoint.resume(run, target, target_optimizer)
     assert resumed is not None and resumed.step == 2
@@ -96,3 +98,21 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(config):
     storage.remove(storage.join(url, ".metadata"))
     with pytest.raises(RuntimeError, match="none of the 1 committed checkpoints"):
         checkpoint.resume(config.train.run_url, model, optimizer)
+
+
+def test_async_save_is_invisible_until_waited_on_then_resumes_exactly(config):
+    run = config.train.run_url
+    model, optimizer = _model_and_optimizer(0)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    pending = checkpoint.save_async(run, 7, model, optimizer, config, {"samples_seen": 56})
+    with torch.no_grad():  # training goes on: the checkpoint must hold the state at save time
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert checkpoint.committed_checkpoints(run) == []
+    url = pending.wait()
+    assert [s for s, _ in checkpoint.committed_checkpoints(run)] == [7]
+    assert checkpoint.read_meta(url)["samples_seen"] == 56
+    target, target_optimizer = _model_and_optimizer(3)
+    assert checkpoint.resume(run, target, target_optimizer).step == 7
+    for name, tensor in target.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)

@@ -26,8 +26,11 @@ def _overrides(corpus: str, run: Path, steps: int) -> list[str]:
 
 def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     run = tmp_path / "run"
-    first = run_training("tiny-clip", _overrides(corpus, run, 30), nproc_per_node=2)
+    # asynchronous checkpoints: steps 10 and 20 upload in the background and commit at the next save
+    first = run_training("tiny-clip", [*_overrides(corpus, run, 30), "train.async_checkpoint=true"],
+                         nproc_per_node=2)
     assert first.endswith("step-000000030")
+    assert [step for step, _ in checkpoint.committed_checkpoints(f"file://{run}")] == [10, 20, 30]
     meta = checkpoint.read_meta(first)
     assert meta["samples_seen"] == 30 * 16 * 2 and meta["world_size"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -35,6 +38,8 @@ def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert sorted(losses) == [5, 10, 15, 20, 25, 30]
     assert losses[30] < losses[5] - 0.1  # the loss falls
+    memory = client.get_metric_history(run_id, "system/max_rss_gb")
+    assert len(memory) == 6 and all(0.05 < m.value < 64 for m in memory)
     params = client.get_run(run_id).data.params
     assert params["model.objective"] == "clip" and params["train.steps"] == "30"
 

@@ -3,7 +3,9 @@
 Each holds the ``torch.distributed.checkpoint`` (DCP) state of model and optimizer (resharded on load, so the
 world size may change between save and resume), ``weights.safetensors`` (model only, for evaluators and export),
 ``config.yaml``, ``meta.json`` (step, samples seen, loader position, config digest, MLflow run id, wall time)
-and ``COMMITTED``, written last. A directory without ``COMMITTED`` does not exist for any reader. Loading never
+and ``COMMITTED``, written last. A directory without ``COMMITTED`` does not exist for any reader, which is what
+lets ``save_async`` upload shards while training goes on. No RNG state is stored: every step reseeds from
+(seed, step, rank) and the loader's augmentation from (seed, epoch, sample), so resume needs none. Loading never
 unpickles: DCP holds tensors only, the rest is JSON/YAML, weights are safetensors.
 """
 
@@ -13,6 +15,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from trainer import storage
 from trainer.config import Config, from_yaml, to_yaml
@@ -79,6 +84,32 @@ class Resumed:
     url: str
 
 
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def _write_weights(url: str, model: nn.Module) -> None:
+    # Whole (unsharded) tensors on rank 0, also under FSDP; collective, so every rank calls it.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _is_rank0():
+        weights = {k: v.detach().contiguous() for k, v in full.items()}
+        storage.write_bytes(storage.join(url, "weights.safetensors"), safetensors.torch.save(weights))
+
+
+def _commit(run_url: str, url: str, step: int, config: Config, meta: dict[str, Any]) -> str:
+    """After every rank's shards are written: rank 0 writes config, meta and then COMMITTED, and prunes."""
+    _barrier()
+    if _is_rank0():
+        storage.write_text(storage.join(url, "config.yaml"), to_yaml(config))
+        full_meta = {"step": step, "config_digest": config.digest(), "wall_time": time.time(), **meta}
+        storage.write_text(storage.join(url, "meta.json"), json.dumps(full_meta, indent=1))
+        storage.write_text(storage.join(url, COMMITTED), "")
+        _prune(run_url, config.train.keep_last)
+    _barrier()
+    return url
+
+
 def save(
     run_url: str,
     step: int,
@@ -89,20 +120,47 @@ def save(
 ) -> str:
     """Save on every rank (collective); rank 0 writes weights, config, meta and then COMMITTED."""
     url = checkpoint_url(run_url, step)
-    model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=_dcp_id(url))
-    # Whole (unsharded) tensors on rank 0, also under FSDP; collective, so every rank calls it.
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _is_rank0():
-        weights = {k: v.detach().contiguous() for k, v in full.items()}
-        storage.write_bytes(storage.join(url, "weights.safetensors"), safetensors.torch.save(weights))
-        storage.write_text(storage.join(url, "config.yaml"), to_yaml(config))
-        full_meta = {"step": step, "config_digest": config.digest(), "wall_time": time.time(), **meta}
-        storage.write_text(storage.join(url, "meta.json"), json.dumps(full_meta, indent=1))
-        storage.write_text(storage.join(url, COMMITTED), "")
-        _prune(run_url, config.train.keep_last)
-    _barrier()
-    return url
+    dcp.save(_state(model, optimizer), checkpoint_id=_dcp_id(url))
+    _write_weights(url, model)
+    return _commit(run_url, url, step, config, meta)
+
+
+class PendingCheckpoint:
+    """A checkpoint whose DCP shards are still being written in the background; ``wait`` commits it.
+
+    Until ``wait`` returns, the directory has no ``COMMITTED`` and so does not exist for any reader: a job
+    killed mid-write resumes from the checkpoint before.
+    """
+
+    def __init__(self, future: Future, commit: Callable[[], str]) -> None:
+        self._future, self._commit = future, commit
+
+    def wait(self) -> str:
+        self._future.result()
+        return self._commit()
+
+
+def save_async(
+    run_url: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    meta: dict[str, Any],
+    process_group: dist.ProcessGroup | None = None,
+) -> PendingCheckpoint:
+    """Like ``save``, but training goes on while the model and optimizer shards upload.
+
+    The state is staged to CPU memory before this returns, so later optimizer steps do not leak into the
+    checkpoint. The small whole-model ``weights.safetensors`` is written now; the shards (model plus optimizer
+    moments, about three times as large) in a background thread. ``process_group`` should be a gloo group
+    of its own, so the background thread's collectives never interleave with training's.
+    """
+    url = checkpoint_url(run_url, step)
+    response = dcp.async_save(_state(model, optimizer), checkpoint_id=_dcp_id(url), process_group=process_group)
+    future = response.upload_completion if isinstance(response, AsyncSaveResponse) else response
+    _write_weights(url, model)
+    return PendingCheckpoint(future, lambda: _commit(run_url, url, step, config, meta))
 
 
 def _prune(run_url: str, keep_last: int) -> None:
@@ -129,8 +187,7 @@ def resume(run_url: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     for step, url in reversed(found):
         try:
             meta = read_meta(url)
-            model_state, optim_state = get_state_dict(model, optimizer)
-            state = {"model": model_state, "optim": optim_state}
+            state = _state(model, optimizer)
             dcp.load(state, checkpoint_id=_dcp_id(url))
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         # Any unreadable checkpoint (DCP's CheckpointException is a BaseException): fall back to the one before.

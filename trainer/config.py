@@ -142,6 +142,8 @@ class TrainConfig:
     compile: bool = False
     # Deterministic kernels (torch.use_deterministic_algorithms), for exact-resume checks on CPU.
     deterministic: bool = False
+    # Upload checkpoint shards in a background thread while training goes on; committed at the next save.
+    async_checkpoint: bool = False
 
 
 @dataclass
