@@ -121,3 +121,24 @@ def test_killed_worker_is_restarted_and_the_epoch_is_seen_exactly_once(corpus, t
     assert len(runs) == 1  # the restarted group continued the same MLflow run
     steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
     assert steps == set(range(1, 17))
+
+
+def test_resume_on_a_different_world_size_keeps_the_global_batch_and_the_epoch(corpus, tmp_path, monkeypatch):
+    """Half an epoch on 2 ranks, the rest on 1 rank with 2 micro-batches: same global batch, every sample once."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    monkeypatch.setenv("MAECLIP_SAMPLE_AUDIT", str(audit))
+    overrides = [*_overrides(corpus, tmp_path, 8, 8), "train.global_batch_size=16"]
+    assert run_training("tiny-clip", overrides, nproc_per_node=2).endswith("step-000000008")
+    overrides = [*_overrides(corpus, tmp_path, 16, 8), "train.global_batch_size=16"]
+    latest = run_training("tiny-clip", overrides, nproc_per_node=1)
+    meta = checkpoint.read_meta(latest)
+    assert meta["step"] == 16 and meta["world_size"] == 1 and meta["samples_seen"] == 256
+
+    records = _audit(audit)
+    assert {r["step"] for r in records} == set(range(1, 17))
+    assert len({r["pid"] for r in records if r["step"] <= 8}) == 2  # two ranks, then one
+    assert len({r["pid"] for r in records if r["step"] > 8}) == 1
+    keys = [key for r in records for key in r["keys"]]
+    assert sorted(keys) == [f"train-{i:07d}" for i in range(256)]  # every sample once over both world sizes
+    assert len(_losses(tmp_path)) == 16  # one MLflow run, one continuous step axis

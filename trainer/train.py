@@ -293,7 +293,8 @@ def train(config: Config) -> None:
 
         if step % cfg_t.checkpoint_every == 0 or step == cfg_t.steps or stopping:
             saver.wait()  # the previous checkpoint commits before the next one starts
-            state = {"samples_seen": step * global_batch, "mlflow_run_id": run_id, "world_size": world_size,
+            seen = meta.get("samples_seen", 0) + (step - start) * global_batch  # the world size may have changed
+            state = {"samples_seen": seen, "mlflow_run_id": run_id, "world_size": world_size,
                      "loader_state": loader.state_dict()}
             saver.save(step, state, final=step == cfg_t.steps or stopping)
             last_saved = step
