@@ -49,6 +49,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
+def _attempt_store(rank: int, world_size: int) -> dist.Store:
+    """torchrun's rendezvous store, namespaced by restart attempt.
+
+    torch-elastic keeps one store for every restart of a job (dynamic_rendezvous shares its TCPStore across
+    rounds), so without a namespace a restarted worker can read the address a dead peer published in the
+    previous attempt and fail to connect, which ends the job after max_restarts.
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_it, multi_tenant=True)
+    return dist.PrefixStore(f"maeclip/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,7 +71,9 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = int(os.environ["RANK"])
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(rank, world_size),
+                                rank=rank, world_size=world_size)
     return (dist.get_rank() if dist.is_initialized() else 0), world_size, device
 
 
