@@ -8,48 +8,19 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from services import free_port, stop, wait_for_port
 
 SUPPORT = Path(__file__).parent / "support"
 BIN = Path(sys.executable).parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, name: str, timeout_s: float = 60) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode} before listening")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"{name} did not listen on port {port} within {timeout_s}s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 class _Env:
@@ -76,7 +47,7 @@ def gcs_emulator() -> Iterator[str]:
          "--default-bucket", bucket, "-q"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    _wait_for_port(port, process, "gcp-storage-emulator")
+    wait_for_port(port, process, "gcp-storage-emulator")
     env = _Env({
         "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
         "NO_GCE_CHECK": "True",
@@ -91,7 +62,7 @@ def gcs_emulator() -> Iterator[str]:
         yield f"gs://{bucket}"
     finally:
         env.restore()
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +71,7 @@ def s3_server() -> Iterator[str]:
     port, bucket = free_port(), "maeclip-test"
     process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_port(port, process, "moto_server")
+    wait_for_port(port, process, "moto_server")
     endpoint = f"http://127.0.0.1:{port}"
     env = _Env({
         "S3_ENDPOINT_URL": endpoint,
@@ -116,7 +87,7 @@ def s3_server() -> Iterator[str]:
         yield f"s3://{bucket}"
     finally:
         env.restore()
-        _stop(process)
+        stop(process)
 
 
 @pytest.fixture

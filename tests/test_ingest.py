@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from corpora import MAX_PIXELS, jpeg, make_corpus
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -21,9 +22,6 @@ from trainer.config import load_config
 from trainer.data.ingest import REASONS, IngestOptions, SkippedSample, ingest, judge
 from trainer.data.loader import iter_eval_batches
 from trainer.data.sources import RawRecord
-
-sys.path.insert(0, str(Path(__file__).parent / "support"))
-from corpora import MAX_PIXELS, jpeg, make_corpus
 
 MAECLIP = str(Path(sys.executable).parent / "maeclip")
 FORMATS = ("webdataset", "parquet", "csv", "imagefolder")

@@ -12,7 +12,6 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -458,12 +458,6 @@ def test_yamllint_is_clean(tmp_path):
 
 
 # ---------------------------------------------------------------- MLflow settings on a real server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def request(url: str, host: str, method: str = "GET", data: bytes | None = None) -> int:

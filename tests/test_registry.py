@@ -4,10 +4,6 @@ nothing; a pass registers a model version (weights, config, metrics); a regressi
 
 import json
 import math
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -15,6 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from mlflow import MlflowClient
+from services import free_port, start_mlflow_server, stop
 
 from evaluators import report
 from evaluators.gate import Policy, load_policy, run_gate
@@ -31,38 +28,13 @@ POLICY = load_policy({"thresholds": [{"metric": METRIC, "min": 0.3}],
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """``mlflow server`` with a sqlite store on a free loopback port (as tests/test_tracking.py starts it)."""
-    import socket
-
-    tmp = tmp_path_factory.mktemp("mlflow")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mlflow = Path(sys.executable).parent / "mlflow"
-    process = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-         "--default-artifact-root", f"file://{tmp / 'artifacts'}", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    """``mlflow server`` with a sqlite store on a free loopback port."""
+    port = free_port()
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                if time.time() > deadline or process.poll() is not None:
-                    raise RuntimeError("MLflow server did not become healthy") from None
-                time.sleep(0.5)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @pytest.fixture(scope="module")

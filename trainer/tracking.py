@@ -77,6 +77,11 @@ class Tracker:
     def set_terminated(self, status: str = "FINISHED") -> None:
         self._submit(lambda c: c.set_terminated(self.run_id, status=status))
 
+    @property
+    def pending(self) -> int:
+        """Calls queued and not yet taken up for delivery."""
+        return self._queue.qsize()
+
     def close(self, timeout_s: float = 60.0) -> int:
         """Deliver what is queued within ``timeout_s``; return how many calls were dropped."""
         self._queue.put(None)
