@@ -116,3 +116,25 @@ def test_async_save_is_invisible_until_waited_on_then_resumes_exactly(config):
     assert checkpoint.resume(run, target, target_optimizer).step == 7
     for name, tensor in target.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it creates a file (``open(path, "w")``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(config, tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    marker = tmp_path / "payload-ran"
+    optimizer.param_groups[0]["lr"] = _RunsCodeWhenUnpickled(str(marker))  # DCP pickles non-tensor leaves
+    checkpoint.save(config.train.run_url, 1, model, optimizer, config, {})
+    assert not marker.exists()
+    target, target_optimizer = _model_and_optimizer(3)
+    with pytest.raises(RuntimeError, match="none of the 1 committed checkpoints"):
+        checkpoint.resume(config.train.run_url, target, target_optimizer)
+    assert not marker.exists()

@@ -6,11 +6,13 @@ world size may change between save and resume), ``weights.safetensors`` (model o
 and ``COMMITTED``, written last. A directory without ``COMMITTED`` does not exist for any reader, which is what
 lets ``save_async`` upload shards while training goes on. No RNG state is stored: every step reseeds from
 (seed, step, rank) and the loader's augmentation from (seed, epoch, sample), so resume needs none. Loading never
-unpickles: DCP holds tensors only, the rest is JSON/YAML, weights are safetensors.
+unpickles: DCP's few non-tensor leaves are read with ``weights_only=True`` (``SafeLoadPlanner``), the rest is
+JSON/YAML, weights are safetensors; so loader state lives in ``meta.json`` as JSON, not in DCP.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -26,6 +28,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -75,6 +79,20 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, but never unpickling arbitrary objects.
+
+    DCP stores every non-tensor leaf (the optimizer's hyperparameters) as a pickle and reads it back with
+    ``torch.load(weights_only=False)``. Each one is first read with ``weights_only=True``, which only builds
+    plain containers, numbers and tensors and raises on anything else, so a tampered checkpoint cannot run code.
+    """
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
 
 
 @dataclass
@@ -188,7 +206,7 @@ def resume(run_url: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         try:
             meta = read_meta(url)
             state = _state(model, optimizer)
-            dcp.load(state, checkpoint_id=_dcp_id(url))
+            dcp.load(state, checkpoint_id=_dcp_id(url), planner=SafeLoadPlanner())
             set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         # Any unreadable checkpoint (DCP's CheckpointException is a BaseException): fall back to the one before.
         except (Exception, CheckpointException) as err:
