@@ -1,15 +1,18 @@
 """Named evaluation suites run on one checkpoint: ``maeclip eval --checkpoint URL --suite NAME``.
 
 - ``quick``: zero-shot classification (the shapes tasks).
-- ``default``: zero-shot, linear probes on the trained pooling (full and k-shot), image↔text retrieval and
-  grounding.
+- ``default``: zero-shot, linear probes on the trained pooling (full and k-shot), image↔text retrieval,
+  grounding, the VQA probe (``evaluators.vqa``) and the linear segmentation probe (``evaluators.segmentation``).
 - ``full``: ``default`` plus linear probes on every other pooling, as a diagnostic of what the tokens hold.
 
 The eval split is streamed once, in batches: only per-image features, labels and grounding scores are kept,
-so memory grows with ``samples × width``, never with pixels. Linear probes fit on up to
-``probe_train_samples`` of the corpus' train split and are scored on the eval split. Objectives without a
-text tower (mae, m3ae) get the linear probes only. Results are merged into ``metrics.json`` beside the
-checkpoint and logged to the training run at the checkpoint's step; grounding overlays go to MLflow as PNGs.
+so memory grows with ``samples × width``, never with pixels. The VQA and segmentation probes also need every
+token and the class masks: those are kept (tokens in float16) for the first ``dense_samples`` images of each
+split only, so their memory is bounded whatever the split's size. Probes fit on up to ``probe_train_samples``
+of the corpus' train split and are scored on the eval split. Objectives without a text tower (mae, m3ae) get
+the linear probes, segmentation, and VQA with a learned bag-of-words question encoder in place of the text
+tower (said on stderr). Results are merged into ``metrics.json`` beside the checkpoint and logged to the
+training run at the checkpoint's step; grounding, VQA and segmentation overlays go to MLflow as PNGs.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
-from evaluators import grounding, linear_probe, report, retrieval, zeroshot
+from evaluators import grounding, linear_probe, report, retrieval, segmentation, vqa, zeroshot
 from evaluators.features import device_of, has_text_embedding, image_tokens, pooled, probe_pools, vision_tower
+from evaluators.heads import DEFAULT_BUDGET, Budget
 from trainer import storage
 from trainer.checkpoint import load_for_eval
 from trainer.config import Config
@@ -34,10 +39,12 @@ from trainer.tracking import default_tracking_uri
 
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": ("zeroshot",),
-    "default": ("zeroshot", "linear", "retrieval", "grounding"),
-    "full": ("zeroshot", "linear", "linear-diagnostic", "retrieval", "grounding"),
+    "default": ("zeroshot", "linear", "retrieval", "grounding", "vqa", "seg"),
+    "full": ("zeroshot", "linear", "linear-diagnostic", "retrieval", "grounding", "vqa", "seg"),
 }
 NEEDS_TEXT = {"zeroshot", "retrieval", "grounding"}
+NEEDS_TRAIN = {"linear", "linear-diagnostic", "vqa", "seg"}
+DENSE = {"vqa", "seg"}
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,15 @@ class SuiteOptions:
     grounding_samples: int = 256
     overlay_rows: int = 8
     progress_every: int = 10
+    dense_samples: int = 512
+    vqa_fusion: str = "cross-attention"
+    head_budget: Budget = DEFAULT_BUDGET
 
 
 @dataclass
 class _Collected:
-    """What one streamed pass keeps: per-image vectors and labels, grounding scores, overlay examples."""
+    """What one streamed pass keeps: per-image vectors and labels, grounding scores, overlay examples, and for
+    the first ``dense_samples`` images their tokens, class masks and generated questions."""
 
     embeddings: list[torch.Tensor] = field(default_factory=list)
     captions: list[torch.Tensor] = field(default_factory=list)
@@ -64,6 +75,13 @@ class _Collected:
     grounding: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     overlay: dict[str, Any] = field(default_factory=dict)
     grounded: int = 0
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    masks: list[torch.Tensor | None] = field(default_factory=list)
+    questions: list[vqa.Question] = field(default_factory=list)
+    question_image: list[int] = field(default_factory=list)
+    question_embeddings: list[torch.Tensor] = field(default_factory=list)
+    pictures: list[torch.Tensor] = field(default_factory=list)
+    dense: int = 0
 
 
 def _progress(label: str, number: int, seen: int, every: int) -> None:
@@ -90,10 +108,12 @@ def _stream(
     pools = probe_pools(tower, "linear-diagnostic" in kinds) if "linear" in kinds else ()
     found = _Collected(pooled={p: [] for p in pools}, labels={k: [] for k in _label_keys()})
     seen = 0
+    with_text = has_text_embedding(model, config.model.context_length) if "vqa" in kinds else False
     for number, batch in enumerate(batches, start=1):
         images = batch["image"].to(device)
         if limit is not None:
             images, batch = images[: limit - seen], {k: v[: limit - seen] for k, v in batch.items()}
+        tokens = image_tokens(model, images) if pools or kinds & DENSE else None
         if "zeroshot" in kinds or "retrieval" in kinds:
             found.embeddings.append(model.encode_image(images).float().cpu())
             found.metas.extend(batch["meta"])
@@ -101,13 +121,14 @@ def _stream(
             text = tokenize(batch["caption"], config.model.context_length).to(device)
             found.captions.append(model.encode_text(text).float().cpu())
         if pools:
-            tokens = image_tokens(model, images)
             for pool in pools:
                 found.pooled[pool].append(pooled(tower, tokens, pool).float().cpu())
             for key in found.labels:
                 found.labels[key].extend(m.get("labels", {}).get(key) for m in batch["meta"])
         if "grounding" in kinds and found.grounded < options.grounding_samples:
             _ground(model, batch, images, config, options, found)
+        if kinds & DENSE and found.dense < options.dense_samples:
+            _keep_dense(model, batch, images, tokens, kinds, with_text, config, options, found)
         seen += len(images)
         _progress(label, number, seen, options.progress_every)
         if limit is not None and seen >= limit:
@@ -144,6 +165,31 @@ def _ground(
     found.grounded += len(rows)
 
 
+def _keep_dense(
+    model: nn.Module, batch: dict[str, Any], images: torch.Tensor, tokens: torch.Tensor, kinds: set[str],
+    with_text: bool, config: Config, options: SuiteOptions, found: _Collected,
+) -> None:
+    """Tokens (float16), class masks and questions of the batch's first images, up to ``dense_samples``."""
+    rows = slice(0, options.dense_samples - found.dense)
+    keys, metas, kept = batch["key"][rows], batch["meta"][rows], tokens[rows]
+    found.tokens.append(kept.half().cpu())
+    if "seg" in kinds:
+        found.masks += [segmentation.class_mask(m, config.model.image_size) for m in metas]
+    if "vqa" in kinds:
+        questions, image_rows = vqa.shapes_questions(keys, metas, found.dense, options.head_budget.seed)
+        found.questions += questions
+        found.question_image += image_rows
+        if with_text and questions:
+            ids = tokenize([q.text for q in questions], config.model.context_length).to(images.device)
+            found.question_embeddings.append(model.encode_text(ids).float().cpu())
+    if found.dense < options.overlay_rows:
+        mean = torch.tensor(config.data.image_mean, device=images.device)[:, None, None]
+        std = torch.tensor(config.data.image_std, device=images.device)[:, None, None]
+        shown = images[rows][: options.overlay_rows - found.dense]
+        found.pictures.append((shown * std + mean).cpu())
+    found.dense += len(keys)
+
+
 def _zeroshot(model: nn.Module, found: _Collected, config: Config) -> dict[str, float]:
     metrics = {}
     features = torch.cat(found.embeddings)
@@ -170,6 +216,57 @@ def _linear(test: _Collected, train: _Collected, pool: str, options: SuiteOption
                                           linear_probe.load_probe_tasks(), pool, options.k_shots)
 
 
+def _vqa_set(model: nn.Module, found: _Collected, fusion: str) -> vqa.VqaSet:
+    tokens = torch.cat(found.tokens)
+    if fusion == "pooled-mlp":
+        tower = vision_tower(model)
+        tokens = torch.cat([pooled(tower, part.float().to(device_of(model)), tower.pool).cpu()
+                            for part in tokens.split(256)])
+    return vqa.VqaSet(tokens, torch.tensor(found.question_image), [q.text for q in found.questions],
+                      [(q.answer,) for q in found.questions], [q.qtype for q in found.questions],
+                      torch.cat(found.question_embeddings) if found.question_embeddings else None)
+
+
+def _vqa(model: nn.Module, test: _Collected, train: _Collected, options: SuiteOptions
+         ) -> tuple[dict[str, float], Image.Image | None]:
+    """VQA probe metrics and the overlay of the first eval images' questions; nothing without questions."""
+    if not test.questions or not train.questions:
+        print("[eval] vqa: the corpus has no scene objects to ask about: skipping", file=sys.stderr, flush=True)
+        return {}, None
+    if not train.question_embeddings:
+        print("[eval] vqa: no text tower: questions are encoded by a learned bag of words", file=sys.stderr,
+              flush=True)
+    test_set = _vqa_set(model, test, options.vqa_fusion)
+    metrics, predicted = vqa.evaluate_vqa(_vqa_set(model, train, options.vqa_fusion), test_set, options.vqa_fusion,
+                                          options.head_budget, options.progress_every * 10)
+    pictures = torch.cat(test.pictures)
+    rows = [[] for _ in range(len(pictures))]
+    for question, image, guess in zip(test.questions, test.question_image, predicted, strict=True):
+        if image < len(rows):
+            rows[image].append((question, guess))
+    return metrics, vqa.overlay_grid(pictures, rows)
+
+
+def _with_masks(found: _Collected) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [i for i, mask in enumerate(found.masks) if mask is not None]
+    patches = torch.cat(found.tokens)[rows, 1:] if rows else torch.empty(0)
+    return patches, torch.stack([found.masks[i] for i in rows]) if rows else torch.empty(0)
+
+
+def _seg(test: _Collected, train: _Collected, options: SuiteOptions) -> tuple[dict[str, float], Image.Image | None]:
+    """Segmentation probe metrics and the overlay of the first eval images; nothing without class masks."""
+    train_patches, train_masks = _with_masks(train)
+    test_patches, test_masks = _with_masks(test)
+    if not len(train_masks) or not len(test_masks):
+        print("[eval] seg: the corpus has no object masks: skipping", file=sys.stderr, flush=True)
+        return {}, None
+    metrics, predicted = segmentation.evaluate_segmentation(train_patches, train_masks, test_patches, test_masks,
+                                                            options.head_budget, options.progress_every * 10)
+    shown = [i for i, mask in enumerate(test.masks[: options.overlay_rows]) if mask is not None]
+    pictures = torch.cat(test.pictures)
+    return metrics, segmentation.overlay_grid(pictures[shown], test_masks[: len(shown)], predicted[: len(shown)])
+
+
 def evaluate_model(
     model: nn.Module,
     config: Config,
@@ -177,8 +274,9 @@ def evaluate_model(
     eval_batches: Iterable[dict[str, Any]],
     train_batches: Iterator[dict[str, Any]] | None,
     options: SuiteOptions = SuiteOptions(),
-) -> tuple[dict[str, float], dict[str, Any]]:
-    """(metrics, overlay example) of ``suite`` on a loaded model; the overlay is empty without grounding."""
+) -> tuple[dict[str, float], dict[str, Image.Image]]:
+    """(metrics, overlays) of ``suite`` on a loaded model; overlays are PNG-ready images by evaluation name
+    (``grounding``, ``vqa``, ``seg``), for the evaluations that ran and had something to draw."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}' (suites: {', '.join(SUITES)})")
     model.eval()
@@ -193,13 +291,25 @@ def evaluate_model(
         metrics |= _zeroshot(model, found, config)
     if "retrieval" in kinds:
         metrics |= _retrieval(found)
-    if "linear" in kinds and train_batches is not None:
-        train = _stream(model, train_batches, kinds & {"linear", "linear-diagnostic"}, config, options,
-                        f"{suite} probe-train", limit=options.probe_train_samples)
-        metrics |= _linear(found, train, vision_tower(model).pool, options)
+    overlays: dict[str, Image.Image | None] = {}
+    if kinds & NEEDS_TRAIN and train_batches is not None:
+        train = _stream(model, train_batches, kinds & NEEDS_TRAIN, config, options, f"{suite} probe-train",
+                        limit=options.probe_train_samples)
+        if "linear" in kinds:
+            metrics |= _linear(found, train, vision_tower(model).pool, options)
+        if "vqa" in kinds:
+            found_metrics, overlays["vqa"] = _vqa(model, found, train, options)
+            metrics |= found_metrics
+        if "seg" in kinds:
+            found_metrics, overlays["seg"] = _seg(found, train, options)
+            metrics |= found_metrics
     for name, values in found.grounding.items():
         metrics[f"eval/grounding/{name}"] = torch.cat(values).mean().item()
-    return metrics, found.overlay
+    if found.overlay:
+        overlay = found.overlay
+        overlays["grounding"] = grounding.overlay_grid(overlay["images"], overlay["maps"], overlay["masks"],
+                                                       overlay["captions"])
+    return metrics, {name: image for name, image in overlays.items() if image is not None}
 
 
 def run_suite(
@@ -221,17 +331,15 @@ def run_suite(
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     eval_batches = iter_eval_batches(storage.join(config.data.url, "eval"), config, options.batch_size)
     train_batches = None
-    if "linear" in SUITES[suite]:
+    if NEEDS_TRAIN & set(SUITES[suite]):
         train_batches = iter_eval_batches(storage.join(config.data.url, "train"), config, options.batch_size)
-    metrics, overlay = evaluate_model(model, config, suite, eval_batches, train_batches, options)
+    metrics, overlays = evaluate_model(model, config, suite, eval_batches, train_batches, options)
     step = int(meta["step"])
     report.write_metrics(checkpoint_url, meta, metrics, suite)
     run_id = meta.get("mlflow_run_id")
     if run_id:
         uri = tracking_uri or config.tracking.uri or default_tracking_uri()
         report.log_metrics(uri, run_id, metrics, step)
-        if overlay:
-            grid = grounding.overlay_grid(overlay["images"], overlay["maps"], overlay["masks"],
-                                          overlay["captions"])
-            report.log_png(uri, run_id, grid, f"grounding/step-{step:09d}", "overlays.png")
+        for name, image in overlays.items():
+            report.log_png(uri, run_id, image, f"{name}/step-{step:09d}", "overlays.png")
     return metrics

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from evaluators.heads import Budget
 from evaluators.suite import SuiteOptions, run_suite
 from evaluators.watch import DONE, pending, training_done, watch
 from evaluators.zeroshot import load_tasks, score_tasks
@@ -19,7 +20,7 @@ from trainer.data.shapes import write_shapes
 from trainer.models import build_model
 
 OPTIONS = SuiteOptions(batch_size=12, probe_train_samples=48, k_shots=(1,), grounding_samples=12,
-                       overlay_rows=4, progress_every=1)
+                       overlay_rows=4, progress_every=1, head_budget=Budget(steps=20))
 PROBES = ("shapes-color", "shapes-shape", "shapes-count", "shapes-relation")
 
 
@@ -48,6 +49,10 @@ def _expected_default() -> set[str]:
               for k in (1, 5, 10)}
     names |= {f"eval/grounding/{m}/{s}" for m in ("patch-text", "gradcam")
               for s in ("pointing_game", "mask_iou")}
+    names |= {f"eval/vqa/{t}{m}" for t in ("", "color/", "count/", "relation/", "exists/")
+              for m in ("accuracy", "majority")}
+    names |= {f"eval/seg/{m}" for m in ("miou", "pixel_accuracy", "majority_miou", "majority_pixel_accuracy")}
+    names |= {f"eval/seg/iou/{c}" for c in ("background", "circle", "square", "triangle", "star")}
     return names
 
 
@@ -73,8 +78,9 @@ def test_default_suite_writes_every_metric_to_metrics_json_and_the_training_run(
     assert report["metrics"] == metrics and report["step"] == 9 and report["suites"] == ["default"]
     assert client.get_run(run_id).data.metrics == pytest.approx(metrics)
     assert {m.step for m in client.get_metric_history(run_id, "eval/grounding/gradcam/mask_iou")} == {9}
-    artifacts = [a.path for a in client.list_artifacts(run_id, "grounding/step-000000009")]
-    assert artifacts == ["grounding/step-000000009/overlays.png"]
+    for name in ("grounding", "vqa", "seg"):
+        artifacts = [a.path for a in client.list_artifacts(run_id, f"{name}/step-000000009")]
+        assert artifacts == [f"{name}/step-000000009/overlays.png"]
 
     # A later quick suite merges into metrics.json: the default suite's numbers stay.
     run_suite(url, "quick", tracking_uri=uri, options=OPTIONS)
@@ -85,8 +91,9 @@ def test_default_suite_writes_every_metric_to_metrics_json_and_the_training_run(
 def test_full_suite_on_a_text_free_objective_probes_every_pooling(tmp_path, corpus, capsys):
     url, _, _ = _save(tmp_path, corpus, 3, preset="tiny-mae", extra=("model.image_pool=gap",))
     metrics = run_suite(url, "full", options=OPTIONS)
-    assert "no text embedding" in capsys.readouterr().err
-    assert {k.split("/")[1] for k in metrics} == {"linear", "linear-cls", "linear-max"}
+    err = capsys.readouterr().err
+    assert "no text embedding" in err and "questions are encoded by a learned bag of words" in err
+    assert {k.split("/")[1] for k in metrics} == {"linear", "linear-cls", "linear-max", "vqa", "seg"}
     assert {f"eval/linear-{p}/{t}/top1" for p in ("cls", "max") for t in PROBES} <= set(metrics)
 
 
