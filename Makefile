@@ -9,7 +9,7 @@ TOOLS := .venv-tools/.installed
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo study test lint bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ $(TOOLS): tests/tools/requirements.txt tests/tools/constraints.txt tests/tools/i
 
 demo: $(STAMP)
 	$(VENV)/bin/maeclip demo
+
+# The mini-study at full length and 3 seeds: (clip, maeclip) × (cls, gap) × seeds 0-2, 2 gated segments each,
+# one process per variant (kfp.local runs two variants at a time); about 30 minutes on 2 CPU cores, estimated
+# from the demo's rates (not measured).
+study: $(STAMP)
+	$(VENV)/bin/maeclip pipeline run --local --pipeline study --segments 2 --seeds 0 1 2 --nproc-per-node 1 \
+		--set data.num_workers=1
 
 test: $(STAMP) $(TOOLS)
 	$(VENV)/bin/ruff check .

@@ -198,3 +198,52 @@ def run_gate(
     outcome["champion"] = champion_now
     decision.registry = outcome
     return decision
+
+
+def ranking_metric(policy: Policy) -> str:
+    """The metric that orders passing checkpoints: the champion rule's, else the first threshold's."""
+    if policy.champion is not None:
+        return policy.champion.metric
+    if policy.thresholds:
+        return policy.thresholds[0].metric
+    raise PolicyError("a policy needs a champion rule or a threshold to rank checkpoints by")
+
+
+def gate_segment(checkpoint_url: str, policy: Policy) -> Decision:
+    """Gate one training segment's checkpoint on thresholds and finiteness, without registering it.
+
+    A pass marks it ``PROMOTED`` (so retention keeps it until the chain's best is registered), a failure
+    ``REJECTED``; either marker holds the decision.
+    """
+    from trainer.checkpoint import mark
+
+    decision = run_gate(checkpoint_url, policy, model_name="", tracking_uri="", register=False)
+    mark(checkpoint_url, "PROMOTED" if decision.passed else "REJECTED", decision.to_json())
+    return decision
+
+
+def best_passing(run_url: str, metric: str) -> str | None:
+    """The run's promoted checkpoint with the highest ``metric`` (the later one on a tie), or None."""
+    from trainer.checkpoint import committed_checkpoints
+
+    best: tuple[float, int, str] | None = None
+    for step, url in committed_checkpoints(run_url):
+        if not storage.exists(storage.join(url, "PROMOTED")):
+            continue
+        value = _as_float(json.loads(storage.read_text(storage.join(url, "metrics.json")))["metrics"].get(metric))
+        if value is not None and (best is None or (value, step) >= best[:2]):
+            best = (value, step, url)
+    return best and best[2]
+
+
+def register_best(run_url: str, policy: Policy, *, model_name: str, tracking_uri: str) -> dict[str, Any]:
+    """Register the run's best passing checkpoint through the full gate (champion rule included).
+
+    Returns ``{"run_url", "checkpoint", "decision"}``; with no passing checkpoint nothing is registered and
+    ``checkpoint`` and ``decision`` are None.
+    """
+    best = best_passing(run_url, ranking_metric(policy))
+    if best is None:
+        return {"run_url": run_url, "checkpoint": None, "decision": None}
+    decision = run_gate(best, policy, model_name=model_name, tracking_uri=tracking_uri)
+    return {"run_url": run_url, "checkpoint": best, "decision": json.loads(decision.to_json())}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
+from trainer.tracking import ensure_experiment
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 _ARTIFACTS = ("weights.safetensors", "config.yaml", "metrics.json")
@@ -66,10 +67,7 @@ class Registry:
         from mlflow.entities import Metric
         from mlflow.exceptions import MlflowException
 
-        experiment_name = f"{self.name}-registry"
-        experiment = self.client.get_experiment_by_name(experiment_name)
-        experiment_id = (experiment.experiment_id if experiment
-                         else self.client.create_experiment(experiment_name))
+        experiment_id = ensure_experiment(self.client, f"{self.name}-registry")
         step = int(meta["step"])
         tags = {"checkpoint_url": checkpoint_url, "step": str(step),
                 "training_run_id": str(meta.get("mlflow_run_id") or "")}

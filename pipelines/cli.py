@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from trainer import storage
@@ -43,6 +44,10 @@ def preflight(preset: str, overrides: Sequence[str]):
     return config
 
 
+# TorchX's kubernetes scheduler submits Volcano jobs; queue and namespace are k8s/base's.
+KUBERNETES_CFG = {"queue": "maeclip", "namespace": "maeclip"}
+
+
 def run_training(
     preset: str,
     overrides: Sequence[str] = (),
@@ -50,40 +55,126 @@ def run_training(
     nnodes: str = "1",
     nproc_per_node: int = 2,
     scheduler: str = "local_cwd",
+    image: str | None = None,
 ) -> str:
-    """Preflight, launch through TorchX, wait; return the newest committed checkpoint URL."""
+    """Preflight, launch through TorchX, wait; return the newest committed checkpoint URL.
+
+    On ``kubernetes`` each process gets a GPU (``nproc_per_node`` GPUs per node) and the job runs ``image``.
+    """
     from trainer.checkpoint import latest_checkpoint
+    from trainer.components import DEFAULT_IMAGE
     from trainer.launch import launch_training
 
     config = preflight(preset, overrides)
     env = {}
     if config.tracking.uri:
         env["MLFLOW_TRACKING_URI"] = config.tracking.uri
+    on_cluster = scheduler == "kubernetes"
     launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
-                    env=env)
+                    scheduler_cfg=KUBERNETES_CFG if on_cluster else None, env=env, image=image or DEFAULT_IMAGE,
+                    gpus=nproc_per_node if on_cluster else 0)
     latest = latest_checkpoint(config.train.run_url)
     if latest is None:
         raise RuntimeError(f"training finished without a committed checkpoint under {config.train.run_url}")
     return latest
 
 
-def run_local_pipeline(pipeline_root: str = ".maeclip/kfp", **arguments) -> None:
-    """Run ``train_eval`` with kfp's local SubprocessRunner in this interpreter (no network)."""
+def segment_end(total_steps: int, segment: int, segments: int) -> int:
+    """The step segment ``segment`` of ``segments`` trains to: the next multiple of ``total_steps / segments``."""
+    if not 1 <= segment <= segments:
+        raise UsageError(f"segment {segment} is not within 1..{segments}")
+    return -(-total_steps * segment // segments)
+
+
+def run_training_segment(
+    preset: str,
+    overrides: Sequence[str],
+    *,
+    segment: int,
+    segments: int,
+    nnodes: str = "1",
+    nproc_per_node: int = 2,
+    scheduler: str = "local_cwd",
+    image: str | None = None,
+) -> str:
+    """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint."""
+    train = load_config(preset, overrides).train
+    end = segment_end(train.steps, segment, segments)
+    schedule = train.schedule_steps or train.steps  # one warmup + cosine over the whole run, not per segment
+    return run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
+                        nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
+
+
+PIPELINES = ("train_eval", "study")
+
+
+def build_pipeline(name: str, segments: int):
+    """The pipeline ``name`` with ``segments`` gated training segments per chain."""
+    if name == "train_eval":
+        from pipelines.train_eval import make_train_eval
+
+        return make_train_eval(segments)
+    if name == "study":
+        from pipelines.study import make_study
+
+        return make_study(segments)
+    raise UsageError(f"unknown pipeline '{name}' (pipelines: {', '.join(PIPELINES)})")
+
+
+def run_local_pipeline(name: str = "train_eval", segments: int = 2, pipeline_root: str = ".maeclip/kfp",
+                       **arguments) -> str:
+    """Run a pipeline with kfp's local SubprocessRunner in this interpreter (no network); return its output.
+
+    kfp.local runs two ParallelFor iterations at a time (its executor's cap), so each study variant gets half
+    the cores: two torch processes that each spin up a thread per core ran 10× slower on 2 cores.
+    """
     import kfp.local
 
-    from pipelines.train_eval import train_eval
-
+    if name == "study":
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    # Said once per task: the image placeholder and accelerator settings only matter on a cluster.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner", category=UserWarning)
+    pipeline = build_pipeline(name, segments)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(pipeline_root))
-    train_eval(**arguments)
+    return pipeline(**arguments).output
 
 
-def compile_pipeline(out: str) -> str:
+def compile_pipeline(out: str, name: str = "train_eval", segments: int = 2) -> str:
     from kfp import compiler
 
-    from pipelines.train_eval import train_eval
-
-    compiler.Compiler().compile(train_eval, package_path=out)
+    compiler.Compiler().compile(build_pipeline(name, segments), package_path=out)
     return out
+
+
+class PipelineFailed(RuntimeError):
+    """A submitted pipeline run ended in a state other than SUCCEEDED."""
+
+
+def submit_pipeline(host: str, name: str, segments: int, arguments: dict, *, experiment: str | None = None,
+                    service_account: str | None = None, wait_s: float | None = None, poll_s: float = 10.0) -> dict:
+    """Compile and submit a run to a Kubeflow Pipelines host; with ``wait_s``, wait for it to finish.
+
+    Returns ``{"run_id", "state"}``; a run that does not succeed raises PipelineFailed.
+    """
+    import tempfile
+
+    import kfp
+
+    with warnings.catch_warnings():  # an advisory that this client needs a v2 server, which we submit to
+        warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
+        client = kfp.Client(host=host)
+    with tempfile.TemporaryDirectory() as folder:
+        package = compile_pipeline(os.path.join(folder, f"{name}.yaml"), name, segments)
+        result = client.create_run_from_pipeline_package(
+            package, arguments=arguments, experiment_name=experiment, service_account=service_account,
+            run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    state = None
+    if wait_s is not None:
+        state = client.wait_for_run_completion(result.run_id, timeout=wait_s, sleep_duration=poll_s).state
+        if state.lower() != "succeeded":
+            raise PipelineFailed(f"pipeline run {result.run_id} ended {state}")
+    return {"run_id": result.run_id, "state": state}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -170,43 +261,127 @@ def _cmd_gate(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def _cmd_pipeline(args: argparse.Namespace) -> None:
-    if args.action == "compile":
-        print(compile_pipeline(args.out))
-        return
-    run_local_pipeline(**_demo_arguments(args.preset, args.overrides))
+def _policy(path: str | None) -> dict | None:
+    """The gate policy file as the pipeline's ``gate_policy`` mapping (validated first), or None for the default."""
+    if path is None:
+        return None
+    import yaml
+
+    from evaluators.gate import PolicyError, load_policy
+
+    try:
+        load_policy(path)
+    except PolicyError as err:
+        raise UsageError(str(err)) from err
+    return yaml.safe_load(storage.read_text(path))
 
 
-def _demo_arguments(preset: str, overrides: Sequence[str]) -> dict:
+def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
+    """Pipeline parameters from the command line; unset ones keep the pipeline's defaults.
+
+    Local runs get a fresh run URL and the embedded MLflow store; on a cluster the components fall back to
+    ``$MLFLOW_TRACKING_URI`` of their pods.
+    """
     from trainer.tracking import default_tracking_uri
 
-    config = load_config(preset, overrides)  # fail here, before kfp starts anything
-    run_url = normalize_url(f".maeclip/runs/{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    return {
-        "preset": preset,
-        "overrides": list(overrides),
-        "data_url": config.data.url,
-        "run_url": run_url,
-        "tracking_uri": config.tracking.uri or default_tracking_uri(),
+    preset = args.preset or ("tiny-{objective}" if args.pipeline == "study" else "tiny-clip")
+    objectives, pools = args.objectives or ["clip", "maeclip"], args.pools or ["cls", "gap"]
+    if args.pipeline == "study":  # every grid point's config must load: fail here, before kfp starts anything
+        for objective in objectives:
+            for pool in pools:
+                load_config(preset.format(objective=objective), [*args.overrides, f"model.image_pool={pool}"])
+    config = load_config(preset.format(objective=objectives[0]), args.overrides)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    given = {
+        "overrides": list(args.overrides),
+        "data_url": normalize_url(args.data_url, "--data-url") if args.data_url else config.data.url,
+        "tracking_uri": args.tracking_uri or (config.tracking.uri or default_tracking_uri() if local else None),
+        "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node, "scheduler": args.scheduler,
+        "suite": args.suite, "gate_policy": _policy(args.policy), "n_train": args.n_train, "n_eval": args.n_eval,
     }
+    if args.pipeline == "study":
+        from pipelines.study import grid
+
+        name = args.study_name or f"study-{stamp}"
+        given |= {"preset_pattern": preset, "study_name": name, "experiment": name,
+                  "runs_url": normalize_url(args.run_url or f".maeclip/runs/{name}", "--run-url"),
+                  "variants": grid(objectives, pools, args.seeds or [0])}
+    else:
+        given |= {"preset": preset,
+                  "run_url": normalize_url(args.run_url or f".maeclip/runs/{config.name}-{stamp}", "--run-url")}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> None:
+    if args.action == "compile":
+        print(compile_pipeline(args.out or f"{args.pipeline}.yaml", args.pipeline, args.segments))
+    elif args.action == "run":
+        if not args.local:
+            raise UsageError("pipeline run needs --local (use `pipeline submit --host URL` for a cluster)")
+        print(run_local_pipeline(args.pipeline, args.segments, **_pipeline_arguments(args, local=True)))
+    else:
+        if not args.host:
+            raise UsageError("pipeline submit needs --host URL (the Kubeflow Pipelines API endpoint)")
+        try:
+            print(json.dumps(submit_pipeline(args.host, args.pipeline, args.segments,
+                                             _pipeline_arguments(args, local=False), experiment=args.experiment,
+                                             service_account=args.service_account,
+                                             wait_s=args.timeout_s if args.wait else None, poll_s=args.poll_s)))
+        except PipelineFailed as err:
+            print(f"maeclip: error: {err}", file=sys.stderr)
+            sys.exit(1)
+
+
+# The demo fits 10 minutes on 2 CPU cores: a 2-segment train_eval of tiny-clip, then the 2 x 2 mini-study with
+# shorter, single-process variants (step counts measured in README's Results).
+DEMO_TRAIN = ["train.steps=200", "optim.warmup_steps=20"]
+DEMO_STUDY = ["train.steps=60", "optim.warmup_steps=10", "data.num_workers=1"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from trainer.checkpoint import latest_checkpoint
+    from trainer.tracking import default_tracking_uri
 
-    arguments = _demo_arguments(args.preset, args.overrides)
-    print(f"[demo] shapes corpus → training ({arguments['run_url']}) → zero-shot eval → gate, with kfp.local",
-          flush=True)
     started = time.time()
-    run_local_pipeline(**arguments)
-    checkpoint = latest_checkpoint(arguments["run_url"])
-    result = json.loads(storage.read_text(storage.join(checkpoint, "metrics.json")))
-    gate = "passed" if storage.exists(storage.join(checkpoint, "PROMOTED")) else "failed"
-    print(f"\n[demo] finished in {time.time() - started:.0f} s; checkpoint {checkpoint} (gate {gate})")
-    print(f"{'metric':48s} value")
-    for name, value in sorted(result["metrics"].items()):
-        print(f"{name:48s} {value:.3f}")
-    print(f"\nOpen the MLflow UI on these runs:\n  .venv/bin/mlflow ui --backend-store-uri {arguments['tracking_uri']}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    config = load_config(args.preset, [*DEMO_TRAIN, *args.overrides])
+    uri = config.tracking.uri or default_tracking_uri()
+    run_url = normalize_url(f".maeclip/runs/{config.name}-{stamp}")
+    data_url = normalize_url(config.data.url)
+    print(f"[demo] train_eval: shapes corpus → 2 × (train → zero-shot eval → gate) → register ({run_url})",
+          flush=True)
+    record = json.loads(run_local_pipeline("train_eval", 2, preset=args.preset,
+                                           overrides=[*DEMO_TRAIN, *args.overrides], data_url=data_url,
+                                           run_url=run_url, tracking_uri=uri, nproc_per_node=2))
+    _print_chain(run_url, record)
+    name = f"demo-study-{stamp}"
+    print(f"\n[demo] study {name}: (clip, maeclip) × (cls, gap), 1 seed, each a gated chain", flush=True)
+    table = run_local_pipeline("study", 1, preset_pattern="tiny-{objective}", overrides=DEMO_STUDY,
+                               data_url=data_url, runs_url=normalize_url(f".maeclip/runs/{name}"),
+                               tracking_uri=uri, experiment=name, study_name=name, nproc_per_node=1)
+    print(f"\n[demo] finished in {time.time() - started:.0f} s\n\n{table}")
+    print(f"\nOpen the MLflow UI on these runs:\n  .venv/bin/mlflow ui --backend-store-uri {uri}")
+
+
+def _print_chain(run_url: str, record: dict) -> None:
+    """Each segment's checkpoint, its gate marker and zero-shot metrics, and what was registered."""
+    from evaluators.report import read_metrics
+    from trainer.checkpoint import committed_checkpoints
+
+    print(f"\n{'checkpoint':16s} {'gate':9s} metrics")
+    for step, url in committed_checkpoints(run_url):
+        gate = next((m for m in ("PROMOTED", "REJECTED") if storage.exists(storage.join(url, m))), "-")
+        shown = {k.removeprefix("eval/zeroshot/"): round(v, 3)
+                 for k, v in read_metrics(url)["metrics"].items() if k.endswith("top1")}
+        print(f"step {step:<11d} {gate:9s} {shown}")
+    decision = record["decision"]
+    if decision is None:
+        print("registered: nothing (no segment passed the gate)")
+    elif decision["passed"]:
+        registry = decision["registry"]
+        print(f"registered: {registry['model']} version {registry['version']} as {', '.join(registry['aliases'])} "
+              f"({record['checkpoint']})")
+    else:
+        print(f"not registered ({record['checkpoint']}): {'; '.join(decision['reasons'])}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,11 +444,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="thresholds and finiteness only: no champion comparison, no registration")
     gate.set_defaults(func=_cmd_gate)
 
-    pipeline = sub.add_parser("pipeline", help="compile or run the kfp pipeline")
-    pipeline.add_argument("action", choices=["compile", "run"])
-    pipeline.add_argument("--out", default="train_eval.yaml", help="compile: output YAML")
-    pipeline.add_argument("--local", action="store_true", help="run: with kfp.local (the only runner so far)")
-    add_config_args(pipeline, required=False)
+    pipeline = sub.add_parser("pipeline", help="compile, run locally or submit a kfp pipeline")
+    pipeline.add_argument("action", choices=["compile", "run", "submit"])
+    pipeline.add_argument("--pipeline", choices=PIPELINES, default="train_eval")
+    pipeline.add_argument("--segments", type=int, default=2, help="gated training segments per chain (K)")
+    pipeline.add_argument("--out", default=None, help="compile: output YAML (default PIPELINE.yaml)")
+    pipeline.add_argument("--local", action="store_true", help="run: with kfp.local and TorchX local_cwd")
+    pipeline.add_argument("--host", default=None, help="submit: Kubeflow Pipelines API URL")
+    pipeline.add_argument("--experiment", default=None, help="submit: Kubeflow Pipelines experiment")
+    pipeline.add_argument("--service-account", default=None, help="submit: service account of the run's pods")
+    pipeline.add_argument("--wait", action="store_true", help="submit: wait until the run finishes")
+    pipeline.add_argument("--timeout-s", type=float, default=24 * 3600, help="submit --wait: give up after")
+    pipeline.add_argument("--poll-s", type=float, default=10.0, help="submit --wait: seconds between looks")
+    pipeline.add_argument("--data-url", default=None, help="corpus URL (default: the preset's)")
+    pipeline.add_argument("--run-url", default=None,
+                          help="train_eval: the run URL; study: the folder of the variants' runs")
+    pipeline.add_argument("--tracking-uri", default=None, help="MLflow tracking and registry URI")
+    pipeline.add_argument("--scheduler", default=None, help="TorchX scheduler (local_cwd, kubernetes)")
+    pipeline.add_argument("--nnodes", default=None, help="nodes, or MIN:MAX for elastic")
+    pipeline.add_argument("--nproc-per-node", type=int, default=None, help="processes (GPUs) per node")
+    pipeline.add_argument("--suite", default=None, help="evaluation suite after each segment")
+    pipeline.add_argument("--policy", default=None, help="gate policy YAML/JSON (default: colour top-1 ≥ 0.3)")
+    pipeline.add_argument("--n-train", type=int, default=None, help="shapes corpus training samples")
+    pipeline.add_argument("--n-eval", type=int, default=None, help="shapes corpus evaluation samples")
+    pipeline.add_argument("--objectives", nargs="+", default=None, help="study: objectives")
+    pipeline.add_argument("--pools", nargs="+", default=None, help="study: image poolings")
+    pipeline.add_argument("--seeds", nargs="+", type=int, default=None, help="study: seeds")
+    pipeline.add_argument("--study-name", default=None, help="study: name and MLflow experiment")
+    pipeline.add_argument("--config", "--preset", dest="config", default=None,
+                          help="preset (study: a pattern such as tiny-{objective})")
+    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pipeline.set_defaults(func=_cmd_pipeline, preset=None)
 
     demo = sub.add_parser("demo", help="the whole pipeline locally on the embedded defaults")

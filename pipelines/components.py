@@ -3,7 +3,9 @@ kfp reads the type hints).
 
 kfp serialises each function body, so imports live inside the bodies. Components run in the maeclip image on
 a cluster and in this interpreter with ``kfp.local.SubprocessRunner(use_venv=False)``; they never install
-packages at run time (``install_kfp_package=False``), so local runs need no network.
+packages at run time (``install_kfp_package=False``), so local runs need no network. Where they run on a
+cluster (image, GPUs, node selector, tolerations, /dev/shm, secrets) is ``Platform``'s job, applied by the
+pipelines at compile time.
 """
 
 
@@ -16,7 +18,7 @@ IMAGE = "ghcr.io/maeclip/maeclip:0.1.0"
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def shapes_corpus(out_url: str, n_train: int, n_eval: int, seed: int) -> str:
-    """Write the synthetic shapes corpus unless one is already there; return its URL."""
+    """Ingest: write the synthetic shapes corpus unless its shards are already there; return its URL."""
     from trainer.data.shapes import ensure_shapes
 
     return ensure_shapes(out_url, n_train=n_train, n_eval=n_eval, seed=seed)
@@ -32,44 +34,92 @@ def train_segment(
     nnodes: str,
     nproc_per_node: int,
     scheduler: str,
+    segment: int,
+    segments: int,
+    image: str,
 ) -> str:
-    """Launch the TorchX training job, stream its logs, wait; return the newest committed checkpoint URL."""
-    from pipelines.cli import run_training
+    """Train segment ``segment`` of ``segments`` through TorchX (logs streamed; fails when the job fails).
 
-    return run_training(
+    Resumes from the run's newest committed checkpoint; returns the checkpoint the segment ended on.
+    """
+    from pipelines.cli import run_training_segment
+
+    return run_training_segment(
         preset,
         [*overrides, f"data.url={data_url}", f"train.run_url={run_url}", f"tracking.uri={tracking_uri}"],
+        segment=segment,
+        segments=segments,
         nnodes=nnodes,
         nproc_per_node=nproc_per_node,
         scheduler=scheduler,
+        image=image,
     )
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def evaluate(checkpoint_url: str, tracking_uri: str, gate_metric: str) -> NamedTuple(
-    "Evaluation", [("metric", float), ("metrics_json", str)]
-):
-    """Zero-shot evaluation of one checkpoint; returns the gate's metric as a scalar for ``dsl.If``."""
+def evaluate(checkpoint_url: str, suite: str, tracking_uri: str) -> str:
+    """Run an evaluation suite on the checkpoint (``metrics.json`` + MLflow); return the checkpoint URL."""
+    from evaluators.suite import run_suite
+
+    run_suite(checkpoint_url, suite, tracking_uri=tracking_uri or None)
+    return checkpoint_url
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def gate(checkpoint_url: str, policy: dict) -> bool:
+    """Gate the segment's checkpoint (thresholds, finiteness; marks PROMOTED/REJECTED); the scalar for dsl.If."""
+    from evaluators.gate import gate_segment, load_policy
+
+    decision = gate_segment(checkpoint_url, load_policy(policy))
+    print(decision.to_json())
+    return decision.passed
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(run_url: str, policy: dict, model_name: str, tracking_uri: str) -> str:
+    """Register the run's best passing checkpoint (none passed: nothing); return the record as JSON."""
     import json
+
+    from evaluators.gate import load_policy, register_best
+    from trainer.tracking import default_tracking_uri
+
+    record = register_best(run_url, load_policy(policy), model_name=model_name,
+                           tracking_uri=tracking_uri or default_tracking_uri())
+    print(json.dumps(record))
+    return json.dumps(record)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def open_study(tracking_uri: str, experiment: str) -> str:
+    """Create the study's MLflow experiment before the variants start (they would race to); return its id."""
+    from evaluators.study_report import open_study as open_experiment
+    from trainer.tracking import default_tracking_uri
+
+    return open_experiment(tracking_uri or default_tracking_uri(), experiment)
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def plan_variant(
+    variant: dict, preset_pattern: str, overrides: list, runs_url: str, experiment: str, model_name: str
+) -> NamedTuple("Variant", [("preset", str), ("overrides", list), ("run_url", str), ("model_name", str)]):
+    """Preset, overrides, run URL and model name of one study grid point."""
     from collections import namedtuple
 
-    from evaluators.zeroshot import evaluate_checkpoint
+    from evaluators.study_report import plan_variant as plan
 
-    metrics = evaluate_checkpoint(checkpoint_url, tracking_uri=tracking_uri or None)
-    return namedtuple("Evaluation", ["metric", "metrics_json"])(float(metrics[gate_metric]), json.dumps(metrics))
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def promote(checkpoint_url: str, metrics_json: str) -> str:
-    """Mark a checkpoint that passed the gate (kept by retention, design §5)."""
-    from trainer.checkpoint import mark
-
-    return mark(checkpoint_url, "PROMOTED", metrics_json)
+    planned = plan(variant, preset_pattern, overrides, runs_url, experiment, model_name)
+    return namedtuple("Variant", list(planned))(**planned)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def reject(checkpoint_url: str, metrics_json: str) -> str:
-    """Record that a checkpoint failed the gate."""
-    from trainer.checkpoint import mark
+def report(records: list, tracking_uri: str, experiment: str, study_name: str, metrics: list) -> str:
+    """Comparison table (mean ± 95 % CI over seeds) and plot, logged to an MLflow parent run; the table."""
+    import json
 
-    return mark(checkpoint_url, "REJECTED", metrics_json)
+    from evaluators.study_report import report_study
+    from trainer.tracking import default_tracking_uri
+
+    built = report_study([json.loads(r) for r in records], tracking_uri=tracking_uri or default_tracking_uri(),
+                         experiment=experiment, study_name=study_name, metrics=metrics)
+    print(built["table"])
+    return built["table"]

@@ -64,3 +64,16 @@ def test_empty_dataset(tmp_path):
 def test_eval_without_checkpoint(tmp_path):
     _assert_one_line_error(_run("eval", "--checkpoint", f"file://{tmp_path}/run", cwd=tmp_path),
                            "no committed checkpoint")
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [(["pipeline", "run"], ["needs --local"]),
+     (["pipeline", "submit"], ["needs --host"]),
+     (["pipeline", "run", "--local", "--set", "optim.lrr=1"], ["unknown config key 'optim.lrr'"]),
+     (["pipeline", "run", "--local", "--pipeline", "study", "--objectives", "clip", "clp"],
+      ["unknown preset 'tiny-clp'"]),
+     (["pipeline", "run", "--local", "--pipeline", "study", "--pools", "cls", "avg"], ["model.image_pool", "avg"])],
+)
+def test_pipeline_usage_errors(tmp_path, args, needles):
+    _assert_one_line_error(_run(*args, cwd=tmp_path), *needles)

@@ -1,29 +1,110 @@
-"""The compiled kfp IR of ``train_eval``: tasks, their order, the gate's two branches."""
+"""The compiled kfp IR of ``train_eval`` and ``study``: tasks, their order, the gates' nested conditions, the
+study's fan-out and fan-in, and the Kubernetes platform config (GPU nodes, /dev/shm, secrets)."""
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipelines.cli import compile_pipeline
 
+PASSED = "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
 
-def test_train_eval_compiles_to_a_gated_chain(tmp_path):
-    path = Path(compile_pipeline(str(tmp_path / "train_eval.yaml")))
-    spec = yaml.safe_load(path.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    assert set(tasks) == {"shapes-corpus", "train-segment", "evaluate", "condition-branches-1"}
-    assert tasks["train-segment"]["dependentTasks"] == ["shapes-corpus"]
+
+def _compile(tmp_path: Path, name: str, segments: int) -> tuple[dict, dict]:
+    """(pipeline spec, Kubernetes platform spec) of a freshly compiled pipeline."""
+    path = Path(compile_pipeline(str(tmp_path / f"{name}.yaml"), name, segments))
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _dag(spec: dict, component: str) -> dict:
+    return spec["components"][component]["dag"]["tasks"]
+
+
+def _ref(task: dict) -> str:
+    return task["componentRef"]["name"]
+
+
+def _segment(spec: dict, component: str) -> tuple[dict, str, str]:
+    """A segment's own tasks, and the components of its gate-passed and gate-failed branches."""
+    tasks = _dag(spec, component)
     assert tasks["evaluate"]["dependentTasks"] == ["train-segment"]
+    assert tasks["gate"]["dependentTasks"] == ["evaluate"]
     assert tasks["train-segment"]["cachingOptions"].get("enableCache", False) is False
-    branches = spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]
-    pass_branch, fail_branch = branches["condition-2"], branches["condition-3"]
-    metric, threshold = "pipelinechannel--evaluate-metric", "pipelinechannel--gate_threshold"
-    assert pass_branch["triggerPolicy"]["condition"] == (
-        f"inputs.parameter_values['{metric}'] >= inputs.parameter_values['{threshold}']"
-    )
-    assert fail_branch["triggerPolicy"]["condition"] == f"!({pass_branch['triggerPolicy']['condition']})"
-    assert set(spec["components"]["comp-condition-2"]["dag"]["tasks"]) == {"promote"}
-    assert set(spec["components"]["comp-condition-3"]["dag"]["tasks"]) == {"reject"}
-    # components never pip-install at run time (offline local runs; the image carries maeclip)
-    for executor in spec["deploymentSpec"]["executors"].values():
-        assert "pip install" not in " ".join(executor["container"]["command"])
+    branches = _dag(spec, _ref(tasks["condition-branches-1"]))
+    assert tasks["condition-branches-1"]["dependentTasks"] == ["gate"]
+    passed, failed = branches["condition-2"], branches["condition-3"]
+    assert passed["triggerPolicy"]["condition"] == PASSED
+    assert failed["triggerPolicy"]["condition"] == f"!({PASSED})"
+    return tasks, _ref(passed), _ref(failed)
+
+
+def _only_task(spec: dict, component: str) -> dict:
+    (task,) = _dag(spec, component).values()
+    return task
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_train_eval_chains_segments_behind_their_gates(tmp_path, segments):
+    spec, _ = _compile(tmp_path, "train_eval", segments)
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"shapes-corpus", f"segment-1-of-{segments}"}
+    assert root[f"segment-1-of-{segments}"]["dependentTasks"] == ["shapes-corpus"]
+    component = _ref(root[f"segment-1-of-{segments}"])
+    for segment in range(1, segments + 1):
+        assert component == f"comp-segment-{segment}-of-{segments}"
+        tasks, passed, failed = _segment(spec, component)
+        assert set(tasks) == {"train-segment", "evaluate", "gate", "condition-branches-1"}
+        assert tasks["train-segment"]["inputs"]["parameters"]["segment"]["runtimeValue"]["constant"] == segment
+        # a failed gate registers at once (the best checkpoint that passed so far) and stops the chain
+        assert _ref(_only_task(spec, failed)).startswith("comp-register")
+        following = _only_task(spec, passed)
+        component = _ref(following)
+    assert component.startswith("comp-register")  # after the last passing gate: register
+
+
+def test_study_fans_out_over_the_grid_and_collects_into_the_report(tmp_path):
+    spec, _ = _compile(tmp_path, "study", 2)
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"shapes-corpus", "open-study", "for-loop-1", "report"}
+    loop = root["for-loop-1"]
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--variants"}
+    assert sorted(loop["dependentTasks"]) == ["open-study", "shapes-corpus"]  # variants start after both
+    body = _dag(spec, "comp-for-loop-1")
+    assert set(body) == {"plan-variant", "segment-1-of-2"}
+    assert body["segment-1-of-2"]["dependentTasks"] == ["plan-variant"]
+    assert body["segment-1-of-2"]["inputs"]["parameters"]["run_url"]["taskOutputParameter"]["producerTask"] == (
+        "plan-variant")
+    report = root["report"]
+    assert report["dependentTasks"] == ["for-loop-1"]
+    assert report["inputs"]["parameters"]["records"]["taskOutputParameter"] == {
+        "outputParameterKey": "pipelinechannel--segment-1-of-2-Output", "producerTask": "for-loop-1"}
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    grid = {(v["objective"], v["pool"]) for v in defaults["variants"]["defaultValue"]}
+    assert grid == {("clip", "cls"), ("clip", "gap"), ("maeclip", "cls"), ("maeclip", "gap")}
+
+
+@pytest.mark.parametrize("name", ["train_eval", "study"])
+def test_steps_get_the_image_parameter_and_evaluation_gpu_nodes_shm_and_secrets(tmp_path, name):
+    spec, platform = _compile(tmp_path, name, 2)
+    executors = spec["deploymentSpec"]["executors"]
+    gpu_steps = {e for e in executors if e.startswith("exec-evaluate")}
+    assert len(gpu_steps) == 2  # the evaluation of each of the two segments (training steps only launch TorchX)
+    for executor in gpu_steps:
+        config = platform[executor]
+        assert config["nodeSelector"]["labels"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+        assert config["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert config["emptyDirMounts"] == [{"volumeName": "dshm", "mountPath": "/dev/shm", "medium": "Memory",
+                                             "sizeLimit": "16Gi"}]
+        assert executors[executor]["container"]["resources"]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    image = spec["root"]["inputDefinitions"]["parameters"]["image"]
+    assert image["defaultValue"] == "ghcr.io/maeclip/maeclip:0.1.0"
+    for executor, definition in executors.items():
+        assert definition["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--image']}}"
+        # components never pip-install at run time (offline local runs; the image carries maeclip)
+        assert "pip install" not in " ".join(definition["container"]["command"])
+        secrets = platform[executor]["secretAsEnv"]
+        assert [(s["secretName"], s["optional"]) for s in secrets] == [("maeclip-storage", True)]
+        if executor not in gpu_steps:
+            assert "nodeSelector" not in platform[executor] and "tolerations" not in platform[executor]

@@ -26,12 +26,18 @@ def launch_training(
     scheduler: str = "local_cwd",
     scheduler_cfg: dict[str, str] | None = None,
     env: dict[str, str] | None = None,
+    image: str = components.DEFAULT_IMAGE,
+    gpus: int = 0,
 ) -> str:
-    """Run the training job to completion; return its TorchX app handle or raise TrainingFailed."""
+    """Run the training job to completion; return its TorchX app handle or raise TrainingFailed.
+
+    ``image`` and ``gpus`` (per node) matter on container schedulers; ``local_cwd`` ignores the image.
+    """
     env = dict(env or {})
     # torchrun must be on PATH: it lives beside this interpreter in the virtual environment.
     env.setdefault("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    app = components.train(preset, *overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, env=env)
+    app = components.train(preset, *overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, env=env, image=image,
+                           gpus=gpus)
     with get_runner() as runner:
         request = runner.dryrun(app, scheduler, cfg=scheduler_cfg or {})
         if scheduler == "kubernetes":

@@ -45,9 +45,27 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None, run_name:
     if run_id:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    return client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    return client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=tags).info.run_id
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created when missing.
+
+    Concurrent jobs (a study's variants) may create it at the same moment: the loser's create fails, and it
+    reads the winner's experiment instead of training untracked.
+    """
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class Tracker:
