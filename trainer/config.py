@@ -130,6 +130,9 @@ class OptimConfig:
 class TrainConfig:
     run_url: str = "file://.maeclip/runs/default"
     steps: int = 1000
+    # Length of the warmup + cosine schedule; 0 means train.steps. A pipeline that trains in segments stops each
+    # at its own train.steps but keeps the whole run's schedule, so the rate does not restart every segment.
+    schedule_steps: int = 0
     checkpoint_every: int = 500
     keep_last: int = 3
     log_every: int = 10
@@ -436,6 +439,7 @@ def validate(config: Config) -> None:
     _range("optim.grad_clip", o.grad_clip, 0.0, 1e9)
     _range("optim.warmup_steps", o.warmup_steps, 0, 1 << 30)
     _range("train.steps", t.steps, 1, 1 << 40)
+    _range("train.schedule_steps", t.schedule_steps, 0, 1 << 40)
     _range("train.checkpoint_every", t.checkpoint_every, 1, 1 << 40)
     _range("train.keep_last", t.keep_last, 1, 1 << 20)
     _range("train.log_every", t.log_every, 1, 1 << 40)

@@ -264,7 +264,7 @@ def train(config: Config) -> None:
     window_start, data_wait = time.perf_counter(), 0.0
     while step < cfg_t.steps:
         torch.manual_seed(step_seed(cfg_t.seed, step, rank))
-        lr = lr_at(step, config.optim, cfg_t.steps)
+        lr = lr_at(step, config.optim, cfg_t.schedule_steps or cfg_t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, torch.Tensor] = {}
