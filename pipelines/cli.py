@@ -13,6 +13,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from trainer import storage
 from trainer.config import ConfigError, load_config, normalize_url
@@ -191,17 +192,23 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     print(json.dumps({"url": out, "counts": manifest.get("counts", manifest.get("splits"))}))
 
 
-def _cmd_data_ingest(args: argparse.Namespace) -> None:
+def ingest_source(src: str, out: str, *, on_error: str = "skip", workers: int = 1, **options: Any) -> dict[str, Any]:
+    """Ingest ``src`` into the corpus at ``out`` (``options``: ``IngestOptions`` fields); return its summary.
+
+    What ``maeclip data ingest`` and the pipelines' ``ingest_corpus`` step both run.
+    """
     from trainer.data.ingest import IngestOptions, ingest
 
-    options = IngestOptions(format=args.format, split=args.split, resize=args.resize,
-                            jpeg_quality=args.jpeg_quality, max_pixels=args.max_pixels,
-                            image_column=args.image_column, caption_column=args.caption_column,
-                            key_column=args.key_column, caption_template=args.caption_template)
-    manifest = ingest(normalize_url(args.src, "SRC"), normalize_url(args.out, "--out"), options,
-                      on_error=args.on_error, workers=args.workers)
-    print(json.dumps({"url": normalize_url(args.out, "--out"), "counts": manifest["counts"],
-                      "splits": manifest["splits"]}))
+    out = normalize_url(out, "--out")
+    manifest = ingest(normalize_url(src, "SRC"), out, IngestOptions(**options), on_error=on_error, workers=workers)
+    return {"url": out, "counts": manifest["counts"], "splits": manifest["splits"]}
+
+
+def _cmd_data_ingest(args: argparse.Namespace) -> None:
+    options = {key: getattr(args, key) for key in ("format", "split", "resize", "jpeg_quality", "max_pixels",
+                                                     "image_column", "caption_column", "key_column",
+                                                     "caption_template")}
+    print(json.dumps(ingest_source(args.src, args.out, on_error=args.on_error, workers=args.workers, **options)))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:

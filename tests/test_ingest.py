@@ -161,3 +161,20 @@ def test_bad_invocations_stop_with_one_line_and_status_2(tmp_path, capsys):
     assert "cannot write" in _cli_error(capsys, src, "--format", "csv", "--out", f"file://{tmp_path}/a-file/x")
     assert "unsupported storage scheme 'hdfs://'" in _cli_error(capsys, src, "--format", "csv", "--out",
                                                                   "hdfs://namenode/corpus")
+
+
+def test_pipeline_ingest_step_runs_the_cli_ingest_under_kfp_local(tmp_path):
+    import kfp.local
+
+    from pipelines import components
+
+    expected = make_corpus("webdataset", tmp_path / "src")
+    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp"))
+    task = components.ingest_corpus(source_url=f"file://{tmp_path}/src", source_format="webdataset",
+                                    out_url=f"file://{tmp_path}/out", split="train", on_error="skip", workers=1)
+    assert task.output == f"file://{tmp_path}/out"
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # the step keeps ingest's defaults, under which the 160 x 160 "oversized" image is an ordinary one
+    bad = {key: reason for key, reason in expected["bad"].items() if reason != "oversized"}
+    assert {k["key"]: k["reason"] for k in manifest["skipped_keys"]} == bad
+    assert set(_stored(tmp_path / "out")) == set(expected["good"]) | (expected["bad"].keys() - bad.keys())
