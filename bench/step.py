@@ -67,16 +67,16 @@ def make_batch(cfg: ModelConfig, batch: int, device: torch.device) -> dict[str, 
     return {"image": images.to(device), "tokens": tokens.to(device)}
 
 
-def adamw(params: list[dict], config: Config) -> torch.optim.AdamW:
+def adamw(params: list[dict], config: Config, fused: bool = False) -> torch.optim.AdamW:
     optim = config.optim
-    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
 
 
 def ours(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager
          ) -> Callable[[], None]:
     """Our objective's step as ``trainer.train`` runs it, less gradient clipping (open_clip has none)."""
     model = build_model(config.model).to(batch["image"].device).train()
-    optimizer = adamw(parameter_groups(model, config.optim.weight_decay), config)
+    optimizer = adamw(parameter_groups(model, config.optim.weight_decay), config, fused=True)  # as trainer.train
 
     def step() -> None:
         with autocast:
