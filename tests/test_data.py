@@ -265,3 +265,29 @@ def test_imagefolder_and_clip_benchmark_webdataset_eval_sets(tmp_path):
     mds = f"file://{tmp_path}/mds/eval"
     assert eval_set_kind(mds) == "mds"
     assert len([k for b in iter_eval_set(mds, config, batch_size=8) for k in b["key"]]) == 16
+
+
+def test_a_shared_memory_prefix_taken_by_another_process_meanwhile_is_retried(tmp_path, monkeypatch):
+    """Two processes opening datasets at once may pick the same Streaming shm prefix; the loser retries."""
+    from multiprocessing import shared_memory
+
+    from streaming.base.shared import prefix
+
+    root = f"file://{tmp_path}/data"
+    _write(root)
+    config = load_config("tiny-clip", [f"data.url={root}"])
+    real, taken = prefix.SharedMemory, []
+
+    def another_process_wins_the_first_claim(name, create=False, size=0, auto_cleanup=True):
+        if create and not taken:  # what a concurrent process would do between our scan and our create
+            taken.append(shared_memory.SharedMemory(name=name, create=True, size=max(size, 1)))
+        return real(name, create, size, auto_cleanup)
+
+    monkeypatch.setattr(prefix, "SharedMemory", another_process_wins_the_first_claim)
+    try:
+        keys = [key for batch in iter_eval_batches(storage.join(root, "eval"), config, 8) for key in batch["key"]]
+    finally:
+        for segment in taken:
+            segment.close()
+            segment.unlink()
+    assert taken and sorted(keys) == [f"eval-{i:07d}" for i in range(16)]

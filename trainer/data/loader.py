@@ -19,7 +19,9 @@ import hashlib
 import json
 import logging
 import os
+import random
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +34,7 @@ from trainer.data.tokenizer import tokenize
 from trainer.data.transforms import decode_tensor, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
+SHM_ATTEMPTS = 10
 
 
 class DataError(ValueError):
@@ -74,7 +77,17 @@ class CaptionedImages(StreamingDataset):
     def __init__(self, split_url: str, config: Config, *, transform: Callable, with_text_meta: bool,
                  **streaming_args: Any) -> None:
         remote, local = _remote_and_local(split_url, config.data.cache_dir)
-        super().__init__(remote=remote, local=local, **streaming_args)
+        for attempt in range(SHM_ATTEMPTS):
+            try:
+                super().__init__(remote=remote, local=local, **streaming_args)
+                break
+            except FileExistsError:
+                # Streaming claims a shared-memory prefix by scanning for a free one and then creating it, so two
+                # processes starting at the same moment (a study's parallel evaluations) can pick the same one.
+                # The loser rescans on retry and finds the next free prefix.
+                if attempt == SHM_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.05, 0.5))
         self.transform = transform
         self.context_length = config.model.context_length
         self.with_text_meta = with_text_meta
