@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from small_models import make_tokens
 
 from trainer.config import ModelConfig
 from trainer.models import build_model
@@ -29,18 +30,6 @@ def assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
     for key, value in expected.items():
         assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
         assert torch.equal(got[key], value), key
-
-
-def random_tokens(batch: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """CLIP-like ids: start (vocab − 2), words, EOT (vocab − 1, the highest id) at a random place, then
-    0s."""
-    tokens = torch.zeros(batch, context, dtype=torch.long)
-    for row in range(batch):
-        eot = int(torch.randint(1, context, (1,), generator=generator))
-        tokens[row, 0] = vocab - 2
-        tokens[row, 1:eot] = torch.randint(1, vocab - 2, (eot - 1,), generator=generator)
-        tokens[row, eot] = vocab - 1
-    return tokens
 
 
 def assert_same_embeddings(
@@ -133,7 +122,7 @@ def test_small_vit_clips_match_open_clip(
     ours = from_open_clip(state, vision_heads=vision_width // head_width, text_heads=text_heads)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, patch * grid, patch * grid, generator=generator)
-    assert_same_embeddings(ours, reference, images, random_tokens(3, context, vocab, generator))
+    assert_same_embeddings(ours, reference, images, make_tokens(3, context, vocab, generator))
     assert_same_state(to_open_clip(ours), state)
 
 
@@ -147,7 +136,7 @@ def test_heads_default_to_width_over_64() -> None:
     cfg = infer_config(reference.state_dict())
     assert (cfg.vision_heads, cfg.text_heads) == (2, 1)
     images = torch.randn(2, 3, 16, 16)
-    tokens = random_tokens(2, 8, 50, torch.Generator().manual_seed(0))
+    tokens = make_tokens(2, 8, 50, torch.Generator().manual_seed(0))
     assert_same_embeddings(from_open_clip(reference.state_dict()), reference, images, tokens)
 
 
@@ -169,7 +158,7 @@ def test_our_model_exports_into_open_clip() -> None:
     )
     reference.load_state_dict(to_open_clip(ours), strict=True)
     images = torch.randn(2, 3, 24, 24)
-    tokens = random_tokens(2, 10, 60, torch.Generator().manual_seed(3))
+    tokens = make_tokens(2, 10, 60, torch.Generator().manual_seed(3))
     assert_same_embeddings(ours, reference, images, tokens)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from open_clip.loss import ClipLoss
+from small_models import make_tokens, small_config
 
 from trainer.config import ModelConfig, load_config
 from trainer.models import OBJECTIVES, build_model, parameter_groups
@@ -28,36 +29,6 @@ from trainer.models.text import TextTransformer
 from trainer.models.vit import VisionTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(
-    image_size=32,
-    patch_size=8,
-    vision_width=32,
-    vision_layers=2,
-    vision_heads=4,
-    text_width=32,
-    text_layers=2,
-    text_heads=4,
-    context_length=12,
-    vocab_size=100,
-    embed_dim=16,
-)
-
-
-def small_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**SMALL, **overrides})
-
-
-def make_tokens(batch: int, context: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """CLIP-like ids: SOT (vocab-2), words, EOT (vocab-1, the highest id) at a random place, then 0s."""
-    tokens = torch.zeros(batch, context, dtype=torch.long)
-    for row in range(batch):
-        eot = int(torch.randint(1, context, (1,), generator=generator))
-        tokens[row, 0] = vocab - 2
-        tokens[row, 1:eot] = torch.randint(1, vocab - 2, (eot - 1,), generator=generator)
-        tokens[row, eot] = vocab - 1
-    return tokens
-
-
 def random_features(batch: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     image = F.normalize(torch.randn(batch, dim, generator=generator), dim=-1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from small_models import small_config as shared_small_config
 
 from trainer.config import ConfigError, ModelConfig, load_config
 from trainer.data.loader import build_train_loader
@@ -32,27 +33,11 @@ from trainer.models.text import TextTransformer
 from trainer.models.vit import sincos_1d, sincos_2d
 from trainer.train import lr_at
 
-SMALL = dict(
-    image_size=32,
-    patch_size=8,
-    vision_width=32,
-    vision_layers=2,
-    vision_heads=4,
-    text_width=32,
-    text_layers=2,
-    text_heads=4,
-    context_length=12,
-    vocab_size=100,
-    embed_dim=16,
-    decoder_width=16,
-    decoder_layers=1,
-    decoder_heads=2,
-)
 SOT, EOT = 98, 99  # the two highest ids of the small vocabulary, as in CLIP's
 
 
 def small_config(**overrides) -> ModelConfig:
-    return ModelConfig(**{**SMALL, **overrides})
+    return shared_small_config(**{"decoder_width": 16, "decoder_layers": 1, "decoder_heads": 2, **overrides})
 
 
 def make_tokens(batch: int, context: int, generator: torch.Generator, min_words: int = 0) -> torch.Tensor:
