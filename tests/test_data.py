@@ -291,3 +291,36 @@ def test_a_shared_memory_prefix_taken_by_another_process_meanwhile_is_retried(tm
             segment.close()
             segment.unlink()
     assert taken and sorted(keys) == [f"eval-{i:07d}" for i in range(16)]
+
+
+def test_evicted_shards_are_fetched_again_and_local_ones_are_not_prepared_per_sample(
+        s3_server, unique, tmp_path, monkeypatch):
+    """A cache limit of four shards (Streaming's minimum) over 8 or more shards on s3:// (moto): every epoch still
+    reads every key once, evicted shards are prepared again, and a local shard is not re-prepared per sample."""
+    from streaming import MDSWriter, StreamingDataset
+
+    from trainer.data.shapes import COLUMNS
+
+    root = f"{s3_server}/{unique}"
+    with MDSWriter(out=(str(tmp_path / "staging"), f"{root}/train"), columns=COLUMNS, size_limit=4096,
+                   keep_local=True) as writer:
+        for index in range(32):
+            writer.write(make_sample(3, "train", index))
+    shards = json.loads((tmp_path / "staging" / "index.json").read_text())["shards"]
+    largest = max(s["raw_data"]["bytes"] for s in shards)
+    assert len(shards) >= 8
+    prepared = []
+    original = StreamingDataset.prepare_shard
+    monkeypatch.setattr(StreamingDataset, "prepare_shard",
+                        lambda self, shard_id, blocking=True: (prepared.append(shard_id), original(self, shard_id,
+                                                                                                 blocking))[1])
+    config = load_config("tiny-clip", [f"data.url={root}", "data.batch_size=4", "data.num_workers=0",
+                                       f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit={4 * largest}b",
+                                       "data.shuffle=false"])
+    loader = build_train_loader(config)
+    for _ in range(2):
+        assert sorted(key for batch in loader for key in batch["key"]) == [f"train-{i:07d}" for i in range(32)]
+    assert len(set(prepared)) == len(shards)
+    assert len(prepared) >= len(shards) + 4  # evicted shards came back for the second epoch ...
+    # ... but not once per sample: Streaming's download thread alone asks for each of the 2 x 32 samples.
+    assert len(prepared) < 2 * 32

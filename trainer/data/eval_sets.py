@@ -93,7 +93,7 @@ def iter_eval_set(url: str, config: Config, batch_size: int, split: str = "test"
     samples = _webdataset_samples(url, split) if kind == "webdataset" else _imagefolder_samples(url)
     batch = []
     for sample in samples:
-        batch.append(sample | {"image": transform(decode_tensor(sample["image"]))})
+        batch.append(sample | {"image": transform(decode_tensor(sample["image"]), 0)})
         if len(batch) == batch_size:
             yield collate_eval(batch)
             batch = []

@@ -22,16 +22,17 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from streaming import StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
 
 from trainer import storage
 from trainer.config import Config
 from trainer.data.tokenizer import tokenize
-from trainer.data.transforms import decode_tensor, eval_transform, train_transform
+from trainer.data.transforms import Transform, decode_tensor, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 SHM_ATTEMPTS = 10
@@ -74,7 +75,7 @@ class CaptionedImages(StreamingDataset):
 
     epoch = 0
 
-    def __init__(self, split_url: str, config: Config, *, transform: Callable, with_text_meta: bool,
+    def __init__(self, split_url: str, config: Config, *, transform: Transform, with_text_meta: bool,
                  **streaming_args: Any) -> None:
         remote, local = _remote_and_local(split_url, config.data.cache_dir)
         for attempt in range(SHM_ATTEMPTS):
@@ -91,6 +92,18 @@ class CaptionedImages(StreamingDataset):
         self.transform = transform
         self.context_length = config.model.context_length
         self.with_text_meta = with_text_meta
+        self._prepared_shards: set[int] = set()
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        # Streaming's download thread calls this for every sample, and each call takes the cache's file lock and
+        # stats the shard file: per sample, that cost as much CPU as decoding the image and slowed the loader
+        # by a third (bench/data.py). A shard this process has prepared and that is still LOCAL needs nothing;
+        # an evicted shard leaves the LOCAL state, so it is prepared again (get_item touches access times).
+        if shard_id in self._prepared_shards and self._shard_states[shard_id] == _ShardState.LOCAL:
+            return
+        super().prepare_shard(shard_id, blocking)
+        if self._shard_states[shard_id] == _ShardState.LOCAL:
+            self._prepared_shards.add(shard_id)
 
     def _resume_incr_epoch(self, *args: Any) -> tuple[int, int]:
         # Streaming decides the epoch here (private hook of StreamingDataset.__iter__); remember it for seeding.
@@ -99,12 +112,8 @@ class CaptionedImages(StreamingDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = super().__getitem__(index)
-        with torch.random.fork_rng(devices=[]):
-            # The CPU generator only: torch.manual_seed also seeds every accelerator and cost ~0.35 ms a sample,
-            # a fifth of decode + augment (bench/data.py); the crops come from the CPU stream either way.
-            torch.default_generator.manual_seed(
-                ((self.shuffle_seed * 1_000_003 + self.epoch) * 2_147_483_647 + int(index)) % 2**62)
-            image = self.transform(decode_tensor(sample["image"]))
+        seed = (self.shuffle_seed * 1_000_003 + self.epoch) * 2_147_483_647 + int(index)
+        image = self.transform(decode_tensor(sample["image"]), seed)
         item = {"key": sample["key"], "image": image}
         if self.with_text_meta:
             item |= {"caption": sample["caption"], "meta": sample["meta"]}
