@@ -17,6 +17,15 @@ from trainer.models.vit import VisionTransformer
 POOLS = ("cls", "gap", "max", "map")
 
 
+def kept(features: torch.Tensor) -> torch.Tensor:
+    """An owned float32 CPU copy of a batch's features, to hold across batches.
+
+    On CPU ``.float().cpu()`` returns the tensor itself, and CLS pooling is the view ``tokens[:, 0]``: holding it
+    would hold the batch's every token (B x 197 x 768 floats at ViT-B/16), so memory would grow with each batch.
+    """
+    return features.detach().to("cpu", torch.float32, copy=True)
+
+
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -27,7 +27,15 @@ from PIL import Image
 from torch import nn
 
 from evaluators import grounding, linear_probe, report, retrieval, segmentation, vqa, zeroshot
-from evaluators.features import device_of, has_text_embedding, image_tokens, pooled, probe_pools, vision_tower
+from evaluators.features import (
+    device_of,
+    has_text_embedding,
+    image_tokens,
+    kept,
+    pooled,
+    probe_pools,
+    vision_tower,
+)
 from evaluators.heads import DEFAULT_BUDGET, Budget
 from trainer import storage
 from trainer.checkpoint import load_for_eval
@@ -115,14 +123,14 @@ def _stream(
             images, batch = images[: limit - seen], {k: v[: limit - seen] for k, v in batch.items()}
         tokens = image_tokens(model, images) if pools or kinds & DENSE else None
         if "zeroshot" in kinds or "retrieval" in kinds:
-            found.embeddings.append(model.encode_image(images).float().cpu())
+            found.embeddings.append(kept(model.encode_image(images)))
             found.metas.extend(batch["meta"])
         if "retrieval" in kinds:
             text = tokenize(batch["caption"], config.model.context_length).to(device)
-            found.captions.append(model.encode_text(text).float().cpu())
+            found.captions.append(kept(model.encode_text(text)))
         if pools:
             for pool in pools:
-                found.pooled[pool].append(pooled(tower, tokens, pool).float().cpu())
+                found.pooled[pool].append(kept(pooled(tower, tokens, pool)))
             for key in found.labels:
                 found.labels[key].extend(m.get("labels", {}).get(key) for m in batch["meta"])
         if "grounding" in kinds and found.grounded < options.grounding_samples:
@@ -181,7 +189,7 @@ def _keep_dense(
         found.question_image += image_rows
         if with_text and questions:
             ids = tokenize([q.text for q in questions], config.model.context_length).to(images.device)
-            found.question_embeddings.append(model.encode_text(ids).float().cpu())
+            found.question_embeddings.append(kept(model.encode_text(ids)))
     if found.dense < options.overlay_rows:
         mean = torch.tensor(config.data.image_mean, device=images.device)[:, None, None]
         std = torch.tensor(config.data.image_std, device=images.device)[:, None, None]

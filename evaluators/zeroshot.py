@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evaluators import report
+from evaluators.features import kept
 from trainer import storage
 from trainer.checkpoint import load_for_eval
 from trainer.data.eval_sets import classnames
@@ -120,7 +121,7 @@ def _encode_split(
     labels: dict[str, list[int]] = {task.name: [] for task in tasks}
     seen = 0
     for number, batch in enumerate(batches, start=1):
-        features.append(model.encode_image(batch["image"].to(device)).float().cpu())
+        features.append(kept(model.encode_image(batch["image"].to(device))))
         for task in tasks:
             labels[task.name].extend(_label_indices(task, batch["meta"]))
         seen += len(batch["meta"])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from evaluators.features import vision_tower
 from evaluators.heads import Budget
 from evaluators.suite import SuiteOptions, run_suite
 from evaluators.watch import DONE, pending, training_done, watch
@@ -142,3 +143,19 @@ def test_maeclip_eval_watch_prints_a_line_per_checkpoint(tmp_path, corpus, capsy
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["checkpoint"] for line in lines] == [first, last]
     assert all(set(line["metrics"]) >= {"eval/zeroshot/shapes-shape/top1"} for line in lines)
+
+
+def test_streamed_features_own_their_memory_so_it_grows_with_width_not_tokens(tmp_path, corpus):
+    """What a pass keeps per batch is (B, D) features that own their storage: a view such as CLS pooling's
+    ``tokens[:, 0]`` would keep the batch's every token alive, and memory would grow with each batch by tokens."""
+    from evaluators.suite import _stream
+
+    _, model, config = _save(tmp_path, corpus, 1)
+    assert vision_tower(model).pool == "cls"
+    batches = iter_eval_batches(storage.join(corpus, "eval"), config, 6)
+    found = _stream(model, batches, {"zeroshot", "retrieval", "linear", "linear-diagnostic"}, config, OPTIONS,
+                    "test")
+    held = found.embeddings + found.captions + [t for pool in found.pooled.values() for t in pool]
+    assert len(held) == 4 * 2 + 4 * 3  # 4 batches: image and caption embeddings, 3 poolings
+    for tensor in held:
+        assert tensor.dim() == 2 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
