@@ -4,10 +4,13 @@
 
 Builds an img2dataset-style webdataset source of photo-like JPEGs, then prints:
 1. ingest: source MB/s and samples/s of ``maeclip data ingest`` (resize to 256 px, JPEG quality 90);
-2. decode: PIL vs ``torchvision.io`` decode + RandomResizedCrop on the ingested (stored-resolution) JPEGs;
-3. loader: samples/s of one epoch of ``build_train_loader`` (decode + augment + tokenize) and of webdataset
-   (``webdataset.WebDataset`` + ``WebLoader``) reading the same ingested images and captions from tars, with
-   the same decode, transform, tokenizer, batch size and worker count; and the ratio ours / webdataset.
+2. decode: one thread decoding the ingested (stored-resolution) JPEGs and random-resized-cropping them, with PIL
+   and open_clip's training transform against ``torchvision.io`` and ours;
+3. loader: samples/s of one epoch of ``build_train_loader`` (decode + augment + tokenize) against webdataset
+   (``webdataset.WebDataset`` + ``WebLoader``) reading the same ingested images and captions from tars, with the
+   same tokenizer, batch size and worker count, twice: as open_clip_train's pipeline reads it (PIL decode and
+   open_clip's transform), and with our decode and transform, which leaves only the loaders' own overhead; and
+   the ratios ours / webdataset.
 """
 
 from __future__ import annotations
@@ -16,18 +19,19 @@ import argparse
 import io
 import os
 import random
+import statistics
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from streaming import StreamingDataset
-from torchvision.transforms import v2
 
-from trainer.config import load_config
+from trainer.config import Config, load_config
 from trainer.data.ingest import IngestOptions, ingest
 from trainer.data.loader import build_train_loader
 from trainer.data.tokenizer import tokenize
@@ -87,57 +91,90 @@ def stored_samples(url: str) -> list[tuple[str, bytes, str]]:
     return [(s["key"], s["image"], s["caption"]) for s in (dataset[i] for i in range(dataset.num_samples))]
 
 
-def bench_decode(samples: list[tuple[str, bytes, str]]) -> None:
+def bench_decode(samples: list[tuple[str, bytes, str]], config: Config) -> None:
+    """Decode + random crop + normalise, one thread: PIL with open_clip's transform against ours."""
     images = [image for _, image, _ in samples[:512]]
     timings = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker, which torch limits to one thread
     for size in (64, 224):
-        crop = v2.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
-                                    antialias=True)
-        for name, decode in (("PIL", decode_image), ("torchvision.io", decode_tensor)):
+        ours = train_transform(config.data, size)
+        pipelines = {
+            "PIL + open_clip transform": (decode_image, open_clip_train_transform(config, size)),
+            "torchvision.io + ours": (decode_tensor, lambda image, ours=ours: ours(image, 0)),
+        }
+        for name, (decode, transform) in pipelines.items():
             started = time.perf_counter()
             for data in images:
-                crop(decode(data))  # on a PIL image, PIL resizes; on a tensor, torch does
-            timings[f"{name} decode+crop {size}px"] = len(images) / (time.perf_counter() - started)
+                transform(decode(data))
+            timings[f"{name} {size}px"] = len(images) / (time.perf_counter() - started)
     torch.set_num_threads(threads)
     print("decode    " + "   ".join(f"{name}: {rate:.0f}/s" for name, rate in timings.items()))
 
 
-def _epoch_rates(loader, n_expected: int) -> tuple[float, float]:
-    """Samples/s over the whole epoch (worker start-up included), and from the first batch on."""
-    seen, started, first = 0, time.perf_counter(), None
+def open_clip_train_transform(config: Config, image_size: int) -> Callable:
+    """open_clip's training transform (PIL RandomResizedCrop, ToTensor, Normalize) at our crop scale and stats."""
+    import open_clip
+
+    return open_clip.image_transform(image_size, is_train=True, mean=config.data.image_mean,
+                                     std=config.data.image_std, aug_cfg={"scale": config.data.crop_scale})
+
+
+def _epoch_rate(loader: Iterable, n_expected: int) -> float:
+    """Samples/s of one epoch, from asking for the first batch to the last one."""
+    seen, started = 0, time.perf_counter()
     for batch in loader:
-        if first is None:
-            first = (time.perf_counter(), len(batch[0]))
         seen += len(batch[0])
-    ended = time.perf_counter()
     assert seen >= n_expected * 0.9, (seen, n_expected)
-    return seen / (ended - started), (seen - first[1]) / (ended - first[0])
+    return seen / (time.perf_counter() - started)
 
 
-def bench_loaders(url: str, root: Path, samples: list, args: argparse.Namespace) -> None:
+def bench_loaders(config: Config, root: Path, samples: list, args: argparse.Namespace) -> None:
     import webdataset as wds
 
-    config = load_config("tiny-clip", [f"data.url={url}", f"data.batch_size={args.batch_size}",
-                                       f"data.num_workers={args.workers}", f"model.image_size={args.image_size}"])
-    ours = _epoch_rates(([b["image"]] for b in build_train_loader(config)), len(samples))
-
     tars = write_tars(root / "same-as-mds", samples, shards=max(2 * args.workers, 2))
-    transform = train_transform(config.data, args.image_size)
     context = config.model.context_length
+    open_clip_transform = open_clip_train_transform(config, args.image_size)
+    our_transform = train_transform(config.data, args.image_size)
 
-    def prepare(sample: tuple[bytes, bytes]) -> tuple[torch.Tensor, torch.Tensor]:
-        image, caption = sample  # the same decode, augmentation and tokenizer as ours
-        return transform(decode_tensor(image)), tokenize([caption.decode()], context)[0]
+    def web_loader(pipeline: wds.DataPipeline) -> wds.WebLoader:
+        # Persistent workers, as our loader has: later epochs reuse the worker processes.
+        return wds.WebLoader(pipeline, batch_size=None, num_workers=args.workers,
+                             persistent_workers=args.workers > 0)
 
-    pipeline = (wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
-                .to_tuple("jpg", "txt").map(prepare).batched(args.batch_size, partial=False))
-    theirs = _epoch_rates(wds.WebLoader(pipeline, batch_size=None, num_workers=args.workers), len(samples))
-    print(f"loader    batch {args.batch_size}, {args.workers} workers, {args.image_size}px, {len(samples)} samples")
-    for number, what in enumerate(("whole epoch", "after the first batch")):
-        print(f"  {what:22s} maeclip (Streaming MDS) {ours[number]:8.1f} samples/s   webdataset "
-              f"{theirs[number]:8.1f} samples/s   ratio {ours[number] / theirs[number]:.2f}")
+    def open_clip_pipeline() -> wds.WebLoader:
+        """webdataset as open_clip_train reads it (training/data.py: get_wds_dataset): PIL decode, map, batch."""
+        return web_loader(wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
+                          .decode("pilrgb").rename(image="jpg", text="txt")
+                          .map_dict(image=open_clip_transform, text=lambda text: tokenize([text], context)[0])
+                          .to_tuple("image", "text").batched(args.batch_size, partial=False))
+
+    def same_decode_pipeline() -> wds.WebLoader:
+        """webdataset with our decode, transform and tokenizer: the difference left is the loader itself."""
+        def prepare(sample: tuple[bytes, bytes]) -> tuple[torch.Tensor, torch.Tensor]:
+            image, caption = sample
+            seed = random.getrandbits(62)
+            return our_transform(decode_tensor(image), seed), tokenize([caption.decode()], context)[0]
+        return web_loader(wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
+                          .to_tuple("jpg", "txt").map(prepare).batched(args.batch_size, partial=False))
+
+    ours = build_train_loader(config)
+    loaders = {"maeclip (Streaming MDS)": ours, "webdataset, open_clip's pipeline": open_clip_pipeline(),
+               "webdataset, our decode + transform": same_decode_pipeline()}
+    rates: dict[str, list[float]] = {name: [] for name in loaders}
+    for _ in range(args.epochs):  # epoch by epoch in turn, so that load from other processes falls on all alike
+        for name, loader in loaders.items():
+            batches = ([b["image"]] for b in loader) if loader is ours else loader
+            rates[name].append(_epoch_rate(batches, len(samples)))
+    print(f"loader    batch {args.batch_size}, {args.workers} workers, {args.image_size}px, {len(samples)} samples, "
+          f"{args.epochs} epochs")
+    ours_name = next(iter(rates))
+    for what, pick in (("first epoch (worker start-up included)", lambda r: r[0]),
+                       ("later epochs (median)", lambda r: statistics.median(r[1:]))):
+        print(f"  {what}: {ours_name} {pick(rates[ours_name]):.1f} samples/s")
+        for name in list(rates)[1:]:
+            print(f"    {name:36s} {pick(rates[name]):8.1f} samples/s   ratio ours / it "
+                  f"{pick(rates[ours_name]) / pick(rates[name]):.2f}")
 
 
 def main() -> None:
@@ -147,13 +184,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per loader (at least 2)")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch and the later ones are reported apart")
     with tempfile.TemporaryDirectory(prefix="maeclip-bench-") as tmp:
         root = Path(tmp)
         url = bench_ingest(root, args.n, args.shards, args.workers)
         samples = stored_samples(url)
-        bench_decode(samples)
-        bench_loaders(url, root, samples, args)
+        config = load_config("tiny-clip", [f"data.url={url}", f"data.batch_size={args.batch_size}",
+                                           f"data.num_workers={args.workers}", f"model.image_size={args.image_size}"])
+        bench_decode(samples, config)
+        bench_loaders(config, root, samples, args)
 
 
 if __name__ == "__main__":
