@@ -201,8 +201,8 @@ def _keep_dense(
 ) -> None:
     """Tokens (float16), class masks and questions of the batch's first images, up to ``dense_samples``."""
     rows = slice(0, options.dense_samples - found.dense)
-    keys, metas, kept = batch["key"][rows], batch["meta"][rows], tokens[rows]
-    found.tokens.append(kept.half().cpu())
+    keys, metas = batch["key"][rows], batch["meta"][rows]
+    found.tokens.append(tokens[rows].half().cpu())
     if "seg" in kinds:
         found.masks += [segmentation.class_mask(m, config.model.image_size) for m in metas]
     if "vqa" in kinds:
