@@ -1,16 +1,16 @@
 """Data-plane benchmark: ingest throughput, and our Streaming loader against webdataset on the same data.
 
-    .venv/bin/python bench/data.py [--n 2048] [--workers 2] [--batch-size 64] [--image-size 64]
+    .venv/bin/python bench/data.py [--n 2048] [--workers 2] [--batch-size 64] [--image-size 64] [--epochs 4]
 
 Builds an img2dataset-style webdataset source of photo-like JPEGs, then prints:
 1. ingest: source MB/s and samples/s of ``maeclip data ingest`` (resize to 256 px, JPEG quality 90);
 2. decode: one thread decoding the ingested (stored-resolution) JPEGs and random-resized-cropping them, with PIL
    and open_clip's training transform against ``torchvision.io`` and ours;
-3. loader: samples/s of one epoch of ``build_train_loader`` (decode + augment + tokenize) against webdataset
-   (``webdataset.WebDataset`` + ``WebLoader``) reading the same ingested images and captions from tars, with the
-   same tokenizer, batch size and worker count, twice: as open_clip_train's pipeline reads it (PIL decode and
-   open_clip's transform), and with our decode and transform, which leaves only the loaders' own overhead; and
-   the ratios ours / webdataset.
+3. loader: samples/s of ``build_train_loader`` (decode + augment + tokenize) over ``--epochs`` epochs, the first
+   and the median of the later ones, against webdataset (``webdataset.WebDataset`` + ``WebLoader``) reading the
+   same ingested images and captions from tars, with the same tokenizer, batch size and worker count, twice: as
+   open_clip_train's pipeline reads it (PIL decode and open_clip's transform), and with our decode and transform,
+   which leaves only the loaders' own overhead; and the ratios ours / webdataset.
 """
 
 from __future__ import annotations
@@ -142,10 +142,12 @@ def bench_loaders(config: Config, root: Path, samples: list, args: argparse.Name
         return wds.WebLoader(pipeline, batch_size=None, num_workers=args.workers,
                              persistent_workers=args.workers > 0)
 
+    def shuffled_samples() -> wds.WebDataset:
+        return wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
+
     def open_clip_pipeline() -> wds.WebLoader:
         """webdataset as open_clip_train reads it (training/data.py: get_wds_dataset): PIL decode, map, batch."""
-        return web_loader(wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
-                          .decode("pilrgb").rename(image="jpg", text="txt")
+        return web_loader(shuffled_samples().decode("pilrgb").rename(image="jpg", text="txt")
                           .map_dict(image=open_clip_transform, text=lambda text: tokenize([text], context)[0])
                           .to_tuple("image", "text").batched(args.batch_size, partial=False))
 
@@ -155,8 +157,8 @@ def bench_loaders(config: Config, root: Path, samples: list, args: argparse.Name
             image, caption = sample
             seed = random.getrandbits(62)
             return our_transform(decode_tensor(image), seed), tokenize([caption.decode()], context)[0]
-        return web_loader(wds.WebDataset(tars, shardshuffle=False, empty_check=False).shuffle(1000)
-                          .to_tuple("jpg", "txt").map(prepare).batched(args.batch_size, partial=False))
+        return web_loader(shuffled_samples().to_tuple("jpg", "txt").map(prepare)
+                          .batched(args.batch_size, partial=False))
 
     ours = build_train_loader(config)
     loaders = {"maeclip (Streaming MDS)": ours, "webdataset, open_clip's pipeline": open_clip_pipeline(),
