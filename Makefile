@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 install: $(STAMP)
 
-# torch and torchvision go first and exactly: a loose pin pulls a second multi-GB build (design §9).
+# torch and torchvision go first and exactly: a loose pin pulls a second multi-GB build (pip would otherwise pick a CUDA build).
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

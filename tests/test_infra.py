@@ -147,7 +147,7 @@ def test_buckets_for_data_checkpoints_and_mlflow_are_private_with_lifecycle_rule
         rules = bucket["lifecycle_rule"]
         assert any(one(one(r, "action"), "type") == "Delete" and "days_since_noncurrent_time" in one(r, "condition")
                    for r in rules), name
-    # Promoted checkpoints must survive (design §5): nothing there is deleted by age, only moved to Nearline.
+    # Promoted checkpoints must survive (docs/contracts.md §4): nothing there is deleted by age, only moved to Nearline.
     for rule in buckets["checkpoints"]["lifecycle_rule"]:
         action, condition = one(rule, "action"), one(rule, "condition")
         assert one(action, "type") != "Delete" or set(condition) == {"days_since_noncurrent_time"}

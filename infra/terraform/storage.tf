@@ -32,7 +32,7 @@ resource "google_storage_bucket" "data" {
   }
 }
 
-# Checkpoints are never deleted by age: the gate's promoted ones must stay (design §5). Old ones move to
+# Checkpoints are never deleted by age: the gate's promoted ones must stay (docs/contracts.md §4). Old ones move to
 # Nearline; the trainer itself deletes checkpoints beyond the last N.
 resource "google_storage_bucket" "checkpoints" {
   name                        = "${local.bucket_prefix}-checkpoints"

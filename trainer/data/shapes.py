@@ -194,7 +194,7 @@ def decode_mask(meta: dict[str, Any]) -> Image.Image:
 
 
 def make_sample(seed: int, split: str, index: int, image_size: int = 64) -> dict[str, Any]:
-    """One sample of the corpus, in the MDS schema of design §1."""
+    """One sample of the corpus, in the MDS schema of docs/contracts.md §1."""
     rng = random.Random(f"{_SCENE_STREAM}/{seed}/{split}/{index}")
     objects = _scene(rng, image_size)
     image, label_map = _render(objects, rng, image_size)

@@ -16,8 +16,8 @@ from trainer.models.maeclip import MaeClipObjective
 from trainer.models.objectives import ClipObjective, M3aeObjective, MaeObjective
 
 # Parameters that are never weight-decayed even when they have 2+ dims: position/class/token embeddings
-# (FLIP excludes cls and posemb; paper-notes §2.2), the MAP probe and the logit scale (paper-notes §5.7,
-# §5.11). Mask and type embeddings (M3AE's no_decay_list) are 1-D, so ``ndim < 2`` already excludes them.
+# (FLIP excludes cls and posemb), the MAP probe and the logit scale (docs/models.md §9).
+# Mask and type embeddings (M3AE's no_decay_list) are 1-D, so ``ndim < 2`` already excludes them.
 NO_DECAY_SUFFIXES = ("cls_token", "pos_embed", "token_embedding.weight", "probe", "logit_scale")
 
 # clip and flip share ``ClipObjective``: FLIP is CLIP with ``image_mask_ratio`` > 0.

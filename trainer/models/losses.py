@@ -29,7 +29,7 @@ def clip_loss(
 
     The features are expected L2-normalised. ``logit_scale`` is the scale s itself, not its log, as in
     open_clip's ``ClipLoss``. The logits are computed in fp32 at least (bf16/fp16 features are upcast) and
-    use hard labels without label smoothing (paper-notes §5.9–10). When torch.distributed runs with more
+    use hard labels without label smoothing (docs/models.md §7). When torch.distributed runs with more
     than one rank, the features of all ranks are gathered and every rank computes the same full loss.
     """
     dtype = torch.promote_types(image_features.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
@@ -55,7 +55,7 @@ def pixel_target(images: torch.Tensor, patch_size: int, norm_pix: bool) -> torch
 
     With ``norm_pix`` each patch is normalised by its own mean and unbiased variance over its p·p·C values,
     with eps 1e-6 inside the square root: ``(x − mean) / sqrt(var + 1e-6)``, MAE's ``norm_pix_loss``
-    (models_mae.py ``forward_loss``; paper-notes §5.2).
+    (models_mae.py ``forward_loss``; docs/models.md §4).
     """
     target = patchify(images.float(), patch_size)
     if not norm_pix:
@@ -67,7 +67,7 @@ def pixel_target(images: torch.Tensor, patch_size: int, norm_pix: bool) -> torch
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     """MSE on masked patches only: the per-patch mean squared error, summed over masked patches and divided by
-    their count (MAE ``forward_loss``). Visible patches do not count (paper-notes §5.1)."""
+    their count (MAE ``forward_loss``). Visible patches do not count (docs/models.md §4)."""
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)
     mask = masked.to(per_patch.dtype)
     return (per_patch * mask).sum() / mask.sum()

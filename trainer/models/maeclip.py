@@ -1,7 +1,7 @@
 """MAE-CLIP (Weers et al. 2023): CLIP's two towers plus a cross-modal decoder that reconstructs masked patches
 and, optionally, masked caption tokens.
 
-No official code exists, so each choice the paper does not pin down is a config switch (paper-notes §1.4):
+No official code exists, so each choice the paper does not pin down is a config switch (docs/models.md §6):
 - ``contrastive_input``: ``masked`` computes the contrastive loss on the same masked encoder passes the
   decoder reads (one shared pass, as FLIP + MAE in FLIP Table 1f); ``unmasked`` adds a full pass of each
   masked tower for the contrastive loss, so the CLIP branch sees exactly what the CLIP baseline sees.
@@ -12,7 +12,7 @@ No official code exists, so each choice the paper does not pin down is a config 
 
 The decoder attends to the visible image tokens (CLS included) and the caption tokens, each projected from
 its tower's width (``image_decoder_embed``, ``text_decoder_embed``). ``encode_image``/``encode_text`` are
-CLIP's: unmasked, decoder unused (paper-notes §5.15). Masking applies in training and evaluation alike.
+CLIP's: unmasked, decoder unused (docs/models.md §11). Masking applies in training and evaluation alike.
 """
 
 from __future__ import annotations

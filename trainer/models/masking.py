@@ -46,7 +46,7 @@ def random_keep_indices(
     """Per-sample random masking, as in MAE's ``random_masking``: argsort uniform noise for each sample.
 
     Returns ``keep_idx`` (B, K) and ``restore_idx`` (B, L), with K = ``num_kept(L, mask_ratio)``. The noise is
-    drawn per sample: m3ae_public's mask shared by the whole batch is a known pitfall (paper-notes §5.4).
+    drawn per sample: m3ae_public's mask shared by the whole batch is a known pitfall (docs/models.md §3).
     """
     noise = torch.rand(batch, num_patches, generator=generator, device=device)
     return keep_lowest(noise, num_kept(num_patches, mask_ratio))
@@ -99,7 +99,7 @@ def text_keep_indices(
     text tower pools at the EOT. The n other non-pad tokens ("words") of a sample keep
     floor(n·(1 − r) + 1e-6) of them, chosen uniformly; a one-word caption at r = 0.75 loses its word. Padding
     is always dropped: unlike M3AE, which masks uniformly over all positions pads included, no keep budget is
-    spent on pads (FLIP prioritises masking pads, paper-notes §5.5).
+    spent on pads (FLIP prioritises masking pads, docs/models.md §3).
 
     Returns ``keep_idx`` (B, K), ``restore_idx`` (B, T) and ``kept_valid`` (B, K), with K the largest kept
     count in the batch: slot k of sample b is a real kept token when ``kept_valid[b, k]``; the other slots

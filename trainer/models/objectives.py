@@ -85,10 +85,10 @@ class ClipObjective(nn.Module):
 
     FLIP (Li et al. 2022) drops a random ``image_mask_ratio`` of the patches before the image tower. The
     drop happens only in training mode. ``encode_image`` and evaluation always see every patch, because
-    unmasked inference scores higher (FLIP Table 1d, paper-notes §5.12).
+    unmasked inference scores higher (FLIP Table 1d, docs/models.md §11).
 
     ``logit_scale`` stores log(s). It starts at log(``logit_scale_init``) and is capped at
-    log(``logit_scale_max``) inside the forward, as AXLearn and FLIP do (paper-notes §5.7), so its gradient
+    log(``logit_scale_max``) inside the forward, as AXLearn and FLIP do (docs/models.md §8), so its gradient
     is zero beyond the cap.
     """
 

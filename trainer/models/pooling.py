@@ -7,7 +7,7 @@ directly.
 
 Which tokens the towers pass in: the image tower gives these poolers the **patch tokens only, not CLS**. This
 follows MAE's ``global_pool`` (mean of ``x[:, 1:]``, facebookresearch/mae models_vit.py) and open_clip's
-``pool_type='avg'`` (``x[:, 1:].mean``). AXLearn's poolers include CLS instead (paper-notes §1.4). We
+``pool_type='avg'`` (``x[:, 1:].mean``). AXLearn's poolers include CLS instead (docs/models.md §10). We
 exclude it so that GAP/MAX/MAP summarise patch content alone, and so the four image poolers differ only in how
 they combine patches. The CLS token still takes part in attention, so it keeps receiving gradients. Poolers
 act after the tower's final LayerNorm, as in AXLearn and big_vision.

@@ -29,7 +29,7 @@ class TextTransformer(nn.Module):
 
     ``causal=True`` is CLIP's causal mask: no valid position attends to the later padding, so the output is
     independent of pad values whatever the pad id is. ``causal=False`` is bidirectional attention (needed to
-    reconstruct masked tokens, paper-notes §5.5), with the padding removed by a key-padding mask instead. Only
+    reconstruct masked tokens, docs/models.md §12), with the padding removed by a key-padding mask instead. Only
     the bidirectional tower can encode a masked caption (``keep_idx``): a causal mask over shuffled positions
     would be meaningless.
     """

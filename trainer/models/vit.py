@@ -33,7 +33,7 @@ def sincos_2d(width: int, grid: int) -> torch.Tensor:
     """MAE's ``get_2d_sincos_pos_embed(width, grid, cls_token=True)``: (1 + grid², width), a zero row for CLS.
 
     Patch l = (row i, column j), in row-major order, gets [sincos_1d(j), sincos_1d(i)], each width/2 wide: MAE
-    builds ``np.meshgrid(grid_w, grid_h)``, so its first half encodes the column (paper-notes §5.6). We keep
+    builds ``np.meshgrid(grid_w, grid_h)``, so its first half encodes the column (docs/models.md §2). We keep
     that order so that encoder and decoder grids agree with MAE's.
     """
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -115,7 +115,7 @@ class VisionTransformer(nn.Module):
 
     ``pool`` selects the pooled token(s): ``cls`` takes the CLS token. ``gap``, ``max`` and ``map`` pool the
     patch tokens only, with CLS excluded (see ``trainer.models.pooling`` for why). Position embeddings are
-    added before masking, and the CLS token is never masked (MAE, paper-notes §5.3). ``pos_embed='sincos'``
+    added before masking, and the CLS token is never masked (MAE, docs/models.md §3). ``pos_embed='sincos'``
     makes them MAE's fixed 2-D sin-cos table, a buffer kept in the state dict under the learned table's name.
     """
 
