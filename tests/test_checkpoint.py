@@ -1,4 +1,5 @@
-"""Checkpoints: commit protocol, resume from the newest committed step, torn checkpoints skipped, retention."""
+"""Checkpoints: commit protocol, resume from the newest committed step, torn checkpoints skipped, tampered ones
+refused, retention."""
 
 import json
 
@@ -135,6 +136,24 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(co
     checkpoint.save(config.train.run_url, 1, model, optimizer, config, {})
     assert not marker.exists()
     target, target_optimizer = _model_and_optimizer(3)
-    with pytest.raises(RuntimeError, match="none of the 1 committed checkpoints"):
+    with pytest.raises(checkpoint.CheckpointRefused, match=r"step-000000001: leaf optim\.param_groups\.0\.lr"):
         checkpoint.resume(config.train.run_url, target, target_optimizer)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("tamper", ["leaf", "meta.json"])
+def test_a_refused_checkpoint_is_not_skipped_for_an_older_one(config, tmp_path, tamper):
+    """Unlike a torn shard, tampering stops the resume: falling back would train on from a state the attacker
+    chose (by tampering with every newer checkpoint)."""
+    run = config.train.run_url
+    model, optimizer = _model_and_optimizer(0)
+    checkpoint.save(run, 2, model, optimizer, config, {})
+    if tamper == "leaf":
+        optimizer.param_groups[0]["lr"] = _RunsCodeWhenUnpickled(str(tmp_path / "payload-ran"))
+    url4 = checkpoint.save(run, 4, model, optimizer, config, {})
+    if tamper == "meta.json":
+        storage.write_text(storage.join(url4, "meta.json"), '{"step": "4"}')
+    target, target_optimizer = _model_and_optimizer(3)
+    with pytest.raises(checkpoint.CheckpointRefused, match="step-000000004"):
+        checkpoint.resume(run, target, target_optimizer)
+    assert not (tmp_path / "payload-ran").exists()
