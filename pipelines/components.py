@@ -26,15 +26,17 @@ def shapes_corpus(out_url: str, n_train: int, n_eval: int, seed: int) -> str:
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def ingest_corpus(source_url: str, source_format: str, out_url: str, split: str, on_error: str,
-                  workers: int) -> str:
+                  workers: int, duplicate_keys: str = "skip", allowed_prefixes: str = "") -> str:
     """Ingest a real corpus (webdataset tars, parquet, CSV or image folders) to MDS at ``out_url/split``; return
-    ``out_url``. Bad samples follow ``on_error`` (skip: counted by reason in the manifest; fail: stop)."""
+    ``out_url``. Bad samples follow ``on_error`` (skip: counted by reason in the manifest; fail: stop).
+    ``duplicate_keys`` is --duplicate-keys; ``allowed_prefixes`` holds the --allow-prefix URLs, space-separated."""
     import json
 
     from pipelines.cli import ingest_source
 
     summary = ingest_source(source_url, out_url, on_error=on_error, workers=workers, format=source_format,
-                            split=split)
+                            split=split, duplicate_keys=duplicate_keys,
+                            allowed_prefixes=tuple(allowed_prefixes.split()))
     print(json.dumps(summary))
     return summary["url"]
 

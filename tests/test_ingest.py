@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -71,8 +72,8 @@ def test_judge_classifies_captions(caption, with_image):
     if not with_image:
         assert reason == "unpaired"
         return
-    try:
-        text = " ".join(caption.decode("utf-8").split())
+    try:  # control characters (Unicode category Cc: C0, DEL, C1) count as spaces
+        text = " ".join("".join(" " if unicodedata.category(c) == "Cc" else c for c in caption.decode()).split())
     except UnicodeDecodeError:
         assert reason == "non_utf8_caption"
         return
