@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from trainer import storage
+from trainer.config import ConfigError, load_yaml, quote
+
+# A policy is a few lines; anything larger is not one.
+POLICY_LIMIT = 1 << 20
 
 
 class PolicyError(ValueError):
@@ -49,12 +51,12 @@ def _finite_number(value: Any) -> bool:
 
 def _champion_rule(entry: Any) -> ChampionRule:
     if not isinstance(entry, Mapping) or "metric" not in entry or set(entry) - {"metric", "tolerance"}:
-        raise PolicyError(f"champion: expected {{metric: NAME, tolerance: NUMBER}}, got {entry!r}")
+        raise PolicyError(f"champion: expected {{metric: NAME, tolerance: NUMBER}}, got {quote(entry)}")
     metric, tolerance = entry["metric"], entry.get("tolerance", 0.0)
     if not isinstance(metric, str) or not metric:
-        raise PolicyError(f"champion.metric: expected a metric name, got {metric!r}")
+        raise PolicyError(f"champion.metric: expected a metric name, got {quote(metric)}")
     if not _finite_number(tolerance) or tolerance < 0:
-        raise PolicyError(f"champion.tolerance: expected a finite number ≥ 0, got {tolerance!r}")
+        raise PolicyError(f"champion.tolerance: expected a finite number ≥ 0, got {quote(tolerance)}")
     return ChampionRule(metric, float(tolerance))
 
 
@@ -65,36 +67,48 @@ class Policy:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Policy:
-        """Validate strictly: unknown keys and non-finite or non-numeric minimums are errors."""
+        """Validate strictly: unknown keys, non-finite or non-numeric minimums and a policy that checks nothing
+        (which would pass any checkpoint) are errors."""
         if not isinstance(data, Mapping) or set(data) - {"thresholds", "champion"}:
-            raise PolicyError(f"a policy is a mapping with keys 'thresholds' and 'champion'; got {data!r}")
+            raise PolicyError(f"a policy is a mapping with keys 'thresholds' and 'champion'; got {quote(data)}")
         entries = data.get("thresholds") or []
         if not isinstance(entries, list):
-            raise PolicyError(f"thresholds: expected a list, got {entries!r}")
+            raise PolicyError(f"thresholds: expected a list, got {quote(entries)}")
         thresholds = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, Mapping) or set(entry) != {"metric", "min"}:
-                raise PolicyError(f"thresholds[{i}]: expected {{metric: NAME, min: NUMBER}}, got {entry!r}")
+                raise PolicyError(f"thresholds[{i}]: expected {{metric: NAME, min: NUMBER}}, got {quote(entry)}")
             metric, low = entry["metric"], entry["min"]
             if not isinstance(metric, str) or not metric:
-                raise PolicyError(f"thresholds[{i}].metric: expected a metric name, got {metric!r}")
+                raise PolicyError(f"thresholds[{i}].metric: expected a metric name, got {quote(metric)}")
             if not _finite_number(low):
-                raise PolicyError(f"thresholds[{i}].min: expected a finite number, got {low!r}")
+                raise PolicyError(f"thresholds[{i}].min: expected a finite number, got {quote(low)}")
             thresholds.append(Threshold(metric, float(low)))
         champion = _champion_rule(data["champion"]) if data.get("champion") is not None else None
+        if not thresholds and champion is None:
+            raise PolicyError("the policy checks nothing: give it thresholds or a champion rule")
         return cls(tuple(thresholds), champion)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The policy as the mapping ``from_dict`` reads (what a pipeline's ``gate_policy`` parameter holds)."""
+        data: dict[str, Any] = {"thresholds": [{"metric": t.metric, "min": t.min} for t in self.thresholds]}
+        if self.champion is not None:
+            data["champion"] = {"metric": self.champion.metric, "tolerance": self.champion.tolerance}
+        return data
 
 
 def load_policy(source: str | Path | Mapping[str, Any]) -> Policy:
     """A policy from a mapping, or from a YAML/JSON file at a path or storage URL (JSON is valid YAML)."""
     if isinstance(source, Mapping):
         return Policy.from_dict(source)
+    try:  # ValueError: larger than POLICY_LIMIT, or not UTF-8
+        text = storage.read_text(str(source), limit=POLICY_LIMIT)
+    except (OSError, ValueError, storage.StorageError) as err:
+        raise PolicyError(f"cannot read gate policy {quote(str(source))}: {err}") from err
     try:
-        data = yaml.safe_load(storage.read_text(str(source)))
-    except (OSError, storage.StorageError) as err:
-        raise PolicyError(f"cannot read gate policy '{source}': {err}") from err
-    except yaml.YAMLError as err:
-        raise PolicyError(f"gate policy '{source}' is not YAML/JSON: {err}") from err
+        data = load_yaml(text, f"gate policy {quote(str(source))}")
+    except ConfigError as err:  # the same safe, bounded YAML as presets: no tags, no aliases
+        raise PolicyError(str(err)) from err
     return Policy.from_dict(data)
 
 
@@ -167,7 +181,7 @@ def run_gate(
 ) -> Decision:
     """Gate a checkpoint by its ``metrics.json``; on pass register it and move the aliases.
 
-    A passing checkpoint is also marked ``PROMOTED`` so checkpoint retention keeps it (design §5).
+    A passing checkpoint is also marked ``PROMOTED`` so checkpoint retention keeps it (docs/contracts.md §4).
     """
     from evaluators.registry import CANDIDATE, CHAMPION, Registry
     from trainer.checkpoint import mark, read_meta

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
-from trainer.tracking import ensure_experiment
+from trainer.tracking import client, ensure_experiment
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 _ARTIFACTS = ("weights.safetensors", "config.yaml", "metrics.json")
@@ -35,19 +34,12 @@ class Version:
     metrics: dict[str, float]
 
 
-def _client(uri: str):
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from mlflow import MlflowClient  # lazily: mlflow is slow to import
-
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
 class Registry:
     """One registered model in one MLflow tracking/registry server."""
 
     def __init__(self, uri: str, model_name: str) -> None:
         self.uri, self.name = uri, model_name
-        self.client = _client(uri)
+        self.client = client(uri)
 
     def by_alias(self, alias: str) -> Version | None:
         """The version an alias points at, or None when the model or the alias does not exist yet."""

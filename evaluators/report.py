@@ -3,7 +3,7 @@
 Every evaluator merges its metrics into the one ``metrics.json`` (the gate reads it), so running the quick
 suite after the default one never loses the default suite's numbers. The file is written before MLflow is
 tried, so an unreachable tracking server loses nothing; MLflow metrics go to the training run recorded in
-the checkpoint's meta at the checkpoint's step (design §6).
+the checkpoint's meta at the checkpoint's step (docs/contracts.md §5).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
-from trainer.tracking import Tracker
+from trainer.tracking import Tracker, client
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ def log_png(uri: str, run_id: str, image: Any, artifact_path: str, name: str) ->
         path = Path(folder) / name
         image.save(path, format="PNG")
         try:
-            from mlflow import MlflowClient  # lazily: mlflow is slow to import
-
-            MlflowClient(uri).log_artifact(run_id, str(path), artifact_path)
+            client(uri).log_artifact(run_id, str(path), artifact_path)
         except Exception as err:  # the metrics are already safe in metrics.json
             log.warning("overlay %s not logged to MLflow run %s: %s", name, run_id, err)

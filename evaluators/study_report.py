@@ -20,7 +20,7 @@ from typing import Any
 from trainer import storage
 from trainer.checkpoint import latest_checkpoint, read_meta
 from trainer.config import from_yaml
-from trainer.tracking import ensure_experiment
+from trainer.tracking import client, ensure_experiment
 
 DEFAULT_METRICS = ("eval/zeroshot/shapes-color/top1", "eval/zeroshot/shapes-shape/top1")
 
@@ -51,7 +51,7 @@ def plan_variant(variant: Mapping[str, Any], preset_pattern: str, overrides: Seq
                  experiment: str, model_name: str) -> dict[str, Any]:
     """Preset, overrides, run URL and registered model name of one grid point ``{objective, pool, seed}``.
 
-    Every variant logs to the study's experiment (design §6); seeds of one objective × pooling share a
+    Every variant logs to the study's experiment (docs/contracts.md §5); seeds of one objective × pooling share a
     registered model, whose champion is their best checkpoint.
     """
     objective, pool, seed = str(variant["objective"]), str(variant["pool"]), int(variant["seed"])
@@ -71,9 +71,7 @@ def open_study(tracking_uri: str, experiment: str) -> str:
     The variants train concurrently: two of them creating the experiment, or initialising a fresh store (the
     embedded sqlite file: a duplicate-column migration error), at the same moment would leave one untracked.
     """
-    from mlflow import MlflowClient  # lazily: mlflow is slow to import
-
-    return ensure_experiment(MlflowClient(tracking_uri), experiment)
+    return ensure_experiment(client(tracking_uri), experiment)
 
 
 def load_result(record: Mapping[str, Any]) -> VariantResult:
@@ -177,22 +175,20 @@ def log_study(tracking_uri: str, experiment: str, study_name: str, results: Sequ
     import contextlib
     import sys
 
-    from mlflow import MlflowClient  # lazily: mlflow is slow to import
-
-    client = MlflowClient(tracking_uri)
-    run_id = client.create_run(ensure_experiment(client, experiment), run_name=study_name,
-                               tags={"maeclip.study": study_name}).info.run_id
+    mlflow_client = client(tracking_uri)
+    run_id = mlflow_client.create_run(ensure_experiment(mlflow_client, experiment), run_name=study_name,
+                                      tags={"maeclip.study": study_name}).info.run_id
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         (root / "comparison.md").write_text(format_table(rows, metrics) + "\n")
         (root / "comparison.json").write_text(json.dumps(_jsonable(rows), indent=1))
         plot(rows, metrics, root / "comparison.png")
-        client.log_artifacts(run_id, folder, "study")
+        mlflow_client.log_artifacts(run_id, folder, "study")
     for result in results:
         if result.mlflow_run_id:
-            client.set_tag(result.mlflow_run_id, "mlflow.parentRunId", run_id)
+            mlflow_client.set_tag(result.mlflow_run_id, "mlflow.parentRunId", run_id)
     with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run at ..." on stdout
-        client.set_terminated(run_id)
+        mlflow_client.set_terminated(run_id)
     return run_id
 
 

@@ -1,7 +1,9 @@
 """``maeclip``: one command line for data, training, evaluation, gating, pipelines and the demo.
 
 Every check that can fail before a job starts (config keys and values, storage URLs, an empty or missing
-dataset) runs first; such errors print one line and exit with status 2, before any process is launched.
+dataset) runs first. Exit statuses: 0 success; 2 bad input (one line, nothing launched); 3 the gate rejected
+the checkpoint; 1 the job could not finish (infrastructure, or a diverged training run), one line with the
+cause and the traceback only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import os
 import sys
 import time
+import traceback
+import typing
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -18,17 +22,28 @@ from typing import Any
 from trainer import storage
 from trainer.config import ConfigError, load_config, normalize_url
 
-USAGE_ERROR = 2
+INFRASTRUCTURE_FAILURE, USAGE_ERROR, GATE_REJECTED = 1, 2, 3
 
 
 class UsageError(Exception):
     """A problem with what the user asked for; reported on one line with exit status 2."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the run's checkpoints end before that step."""
+
+
+class GateRejected(Exception):
+    """The gate's decision was "no"; the decision line is already printed (exit status 3)."""
+
+
 def _data_errors() -> tuple[type[BaseException], ...]:
+    from evaluators.gate import PolicyError
+    from trainer.checkpoint import CheckpointRefused
     from trainer.data.loader import DataError
 
-    return (ConfigError, storage.StorageError, DataError, UsageError, FileNotFoundError)
+    return (ConfigError, DataError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            storage.NotWritable, PolicyError, CheckpointRefused)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -36,12 +51,21 @@ def _data_errors() -> tuple[type[BaseException], ...]:
 
 
 def preflight(preset: str, overrides: Sequence[str]):
-    """Validate the config, the dataset and the run URL; return the resolved Config."""
+    """Validate the config, the dataset, the run URL and the checkpoint training would resume from; return
+    the resolved Config. A tampered checkpoint raises CheckpointRefused here, before anything is launched."""
+    from trainer.checkpoint import committed_checkpoints, verify_checkpoint
     from trainer.data.loader import dataset_size
 
     config = load_config(preset, overrides)
     dataset_size(storage.join(config.data.url, "train"))
     storage.check_writable(config.train.run_url)
+    # Newest first, as resume tries them: one with a file missing is skipped there too, a refused one is not.
+    for _, url in reversed(committed_checkpoints(config.train.run_url)):
+        try:
+            verify_checkpoint(url)
+        except FileNotFoundError:
+            continue
+        break
     return config
 
 
@@ -64,8 +88,11 @@ def run_training(
     """
     from trainer.checkpoint import latest_checkpoint
     from trainer.components import DEFAULT_IMAGE
-    from trainer.launch import launch_training
+    from trainer.launch import check_launch, launch_training
+    from trainer.train import read_divergence
 
+    # Launch arguments before preflight: a bad one is reported without reading the dataset or the run URL.
+    check_launch(load_config(preset, overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler)
     config = preflight(preset, overrides)
     env = {}
     if config.tracking.uri:
@@ -74,6 +101,10 @@ def run_training(
     launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
                     scheduler_cfg=KUBERNETES_CFG if on_cluster else None, env=env, image=image or DEFAULT_IMAGE,
                     gpus=nproc_per_node if on_cluster else 0)
+    diverged = read_divergence(config.train.run_url)
+    if diverged is not None:
+        raise TrainingDiverged(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); nothing "
+                               f"after step {diverged['last_committed_step']} was saved")
     latest = latest_checkpoint(config.train.run_url)
     if latest is None:
         raise RuntimeError(f"training finished without a committed checkpoint under {config.train.run_url}")
@@ -111,6 +142,8 @@ PIPELINES = ("train_eval", "study")
 
 def build_pipeline(name: str, segments: int):
     """The pipeline ``name`` with ``segments`` gated training segments per chain."""
+    if not 1 <= segments <= 1000:
+        raise UsageError(f"--segments: {segments} is not within 1..1000")
     if name == "train_eval":
         from pipelines.train_eval import make_train_eval
 
@@ -142,8 +175,15 @@ def run_local_pipeline(name: str = "train_eval", segments: int = 2, pipeline_roo
 
 
 def compile_pipeline(out: str, name: str = "train_eval", segments: int = 2) -> str:
+    """Compile to kfp IR YAML at the path ``out``, which must not exist yet (we overwrite nothing)."""
     from kfp import compiler
 
+    if os.path.exists(out):
+        raise UsageError(f"--out: {out} already exists (choose a new file name)")
+    if not out.endswith((".yaml", ".yml", ".json")):
+        raise UsageError(f"--out: {out} must end in .yaml, .yml or .json (kfp picks the format by it)")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UsageError(f"--out: the folder of {out} does not exist")
     compiler.Compiler().compile(build_pipeline(name, segments), package_path=out)
     return out
 
@@ -200,6 +240,8 @@ def ingest_source(src: str, out: str, *, on_error: str = "skip", workers: int = 
     from trainer.data.ingest import IngestOptions, ingest
 
     out = normalize_url(out, "--out")
+    if options.get("allowed_prefixes"):  # bare paths become file:// URLs, as SRC and --out do
+        options["allowed_prefixes"] = tuple(normalize_url(p, "--allow-prefix") for p in options["allowed_prefixes"])
     manifest = ingest(normalize_url(src, "SRC"), out, IngestOptions(**options), on_error=on_error, workers=workers)
     return {"url": out, "counts": manifest["counts"], "splits": manifest["splits"]}
 
@@ -207,7 +249,9 @@ def ingest_source(src: str, out: str, *, on_error: str = "skip", workers: int = 
 def _cmd_data_ingest(args: argparse.Namespace) -> None:
     options = {key: getattr(args, key) for key in ("format", "split", "resize", "jpeg_quality", "max_pixels",
                                                      "image_column", "caption_column", "key_column",
-                                                     "caption_template")}
+                                                     "caption_template", "max_image_bytes", "max_caption_bytes",
+                                                     "duplicate_keys")}
+    options["allowed_prefixes"] = tuple(args.allow_prefix)
     print(json.dumps(ingest_source(args.src, args.out, on_error=args.on_error, workers=args.workers, **options)))
 
 
@@ -233,6 +277,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     if args.suite not in SUITES:
         raise UsageError(f"unknown suite '{args.suite}' (suites: {', '.join(SUITES)})")
+    if not 1 <= args.batch_size <= 1 << 16:
+        raise UsageError(f"--batch-size: {args.batch_size} is not within 1..65536")
     options = SuiteOptions(batch_size=args.batch_size)
     if args.watch:
         from evaluators.watch import watch
@@ -248,39 +294,40 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_gate(args: argparse.Namespace) -> None:
-    from evaluators.gate import PolicyError, load_policy, run_gate
-    from trainer.config import from_yaml
+    from evaluators.gate import load_policy, run_gate
+    from trainer.checkpoint import verify_checkpoint
     from trainer.tracking import default_tracking_uri
 
     checkpoint = _resolve_checkpoint(args.checkpoint)
     if not storage.exists(storage.join(checkpoint, "metrics.json")):
         raise UsageError(f"no metrics.json at {checkpoint}: run `maeclip eval --checkpoint URL` first")
-    try:
-        policy = load_policy(args.policy)
-    except PolicyError as err:
-        raise UsageError(str(err)) from err
-    config = from_yaml(storage.read_text(storage.join(checkpoint, "config.yaml")))
+    policy = load_policy(args.policy)
+    config, _ = verify_checkpoint(checkpoint)
     uri = args.tracking_uri or config.tracking.uri or default_tracking_uri()
     decision = run_gate(checkpoint, policy, model_name=args.model_name, tracking_uri=uri,
                         register=not args.no_register)
     print(decision.to_json())
     if not decision.passed:
-        sys.exit(1)
+        raise GateRejected
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from trainer.export import ExportError, export_open_clip
+
+    out = normalize_url(args.out, "--out")
+    try:
+        print(export_open_clip(_resolve_checkpoint(args.checkpoint), out))
+    except ExportError as err:  # an existing --out, or a model open_clip cannot hold: bad input
+        raise UsageError(str(err)) from err
 
 
 def _policy(path: str | None) -> dict | None:
     """The gate policy file as the pipeline's ``gate_policy`` mapping (validated first), or None for the default."""
     if path is None:
         return None
-    import yaml
+    from evaluators.gate import load_policy
 
-    from evaluators.gate import PolicyError, load_policy
-
-    try:
-        load_policy(path)
-    except PolicyError as err:
-        raise UsageError(str(err)) from err
-    return yaml.safe_load(storage.read_text(path))
+    return load_policy(path).to_dict()
 
 
 def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
@@ -391,8 +438,19 @@ def _print_chain(run_url: str, record: dict) -> None:
         print(f"not registered ({record['checkpoint']}): {'; '.join(decision['reasons'])}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``maeclip: error: ...``) and exit status 2, as every other
+    bad input; subcommand parsers are of the same class."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"maeclip: error: {self.prog.removeprefix('maeclip ')}: {_one_line(message)} "
+              f"(see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maeclip", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="maeclip", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True)
@@ -415,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--caption-column", default="caption")
     ingest.add_argument("--key-column", default="key")
     ingest.add_argument("--caption-template", default="a photo of a {class}.", help="imagefolder captions")
+    ingest.add_argument("--max-image-bytes", type=int, default=32 << 20, help="larger encoded images are skipped")
+    ingest.add_argument("--max-caption-bytes", type=int, default=16 << 10, help="longer captions are skipped")
+    ingest.add_argument("--allow-prefix", action="append", default=[], metavar="URL",
+                        help="a storage prefix that table cells may name images under, besides the source "
+                             "(repeatable; other paths and URLs are skipped as forbidden_path)")
+    ingest.add_argument("--duplicate-keys", choices=["skip", "suffix"], default="skip",
+                        help="a key seen earlier in the split: skip the sample, or store it as KEY-dupN")
     ingest.add_argument("--workers", type=int, default=1, help="input shards converted in parallel")
     ingest.set_defaults(func=_cmd_data_ingest)
 
@@ -450,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--no-register", action="store_true",
                       help="thresholds and finiteness only: no champion comparison, no registration")
     gate.set_defaults(func=_cmd_gate)
+
+    export = sub.add_parser("export", help="write a CLIP checkpoint's weights as an open_clip state dict")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint, or a run URL (its newest)")
+    export.add_argument("--out", required=True, help="output .safetensors path or URL (never overwritten)")
+    export.set_defaults(func=_cmd_export)
 
     pipeline = sub.add_parser("pipeline", help="compile, run locally or submit a kfp pipeline")
     pipeline.add_argument("action", choices=["compile", "run", "submit"])
@@ -489,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one bounded line: servers and libraries put newlines and whole responses in messages."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 400 else text[:400] + "…"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -498,8 +574,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args.func(args)
     except _data_errors() as err:
-        print(f"maeclip: error: {err}", file=sys.stderr)
+        print(f"maeclip: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
+    except GateRejected:
+        sys.exit(GATE_REJECTED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as err:  # storage, tracking, a failed job: what broke, on one line
+        if args.verbose:
+            traceback.print_exc()
+        print(f"maeclip: error: {type(err).__name__}: {_one_line(err)}", file=sys.stderr)
+        sys.exit(INFRASTRUCTURE_FAILURE)
 
 
 if __name__ == "__main__":

@@ -10,17 +10,18 @@ from trainer.components import harden_pod_templates, train
 
 
 def _command(app) -> list[str]:
-    return shlex.split(app.roles[0].args[1])
+    return shlex.split(app.roles[0].args[1].removeprefix("exec "))
 
 
 def test_local_component_runs_trainer_module_under_elastic_torchrun():
     app = train("tiny-clip", "optim.lr=0.002", "model.image_pool=gap", nnodes="1:2", nproc_per_node=2,
                 max_restarts=5)
     command = _command(app)
-    assert command[:3] == ["torchrun", "--max-restarts", "5"]
+    assert app.roles[0].args[1].startswith("exec ")  # the agent is the pod's first process
+    assert command[:5] == ["python", "-m", "trainer.agent", "--max-restarts", "5"]
     assert command[command.index("--nnodes") + 1] == "1:2"
     assert command[command.index("--nproc_per_node") + 1] == "2"
-    tail = command[command.index("-m"):]
+    tail = command[command.index("trainer.train") - 1:]
     assert tail == ["-m", "trainer.train", "--config", "tiny-clip", "--set", "optim.lr=0.002",
                     "--set", "model.image_pool=gap"]
 

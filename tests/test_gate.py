@@ -98,7 +98,9 @@ def test_policy_loads_from_yaml_json_and_dict_alike(tmp_path):
     assert load_policy(tmp_path / "gate.json") == POLICY
     assert load_policy(str(tmp_path / "gate.yaml")) == POLICY
     assert load_policy(f"file://{tmp_path / 'gate.yaml'}") == POLICY
-    assert load_policy({"thresholds": []}) == Policy()
+    assert load_policy(POLICY.to_dict()) == POLICY
+    with pytest.raises(PolicyError, match="checks nothing"):  # it would pass any checkpoint
+        load_policy({"thresholds": []})
 
 
 @pytest.mark.parametrize(
@@ -126,7 +128,7 @@ def test_an_unreadable_policy_file_is_a_policy_error(tmp_path):
     with pytest.raises(PolicyError, match="cannot read"):
         load_policy(tmp_path / "absent.yaml")
     (tmp_path / "bad.yaml").write_text("thresholds: [unclosed\n")
-    with pytest.raises(PolicyError, match="not YAML/JSON"):
+    with pytest.raises(PolicyError, match="cannot read YAML"):
         load_policy(tmp_path / "bad.yaml")
 
 

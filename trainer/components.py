@@ -1,6 +1,7 @@
 """TorchX components: the training job as an AppDef, for ``local_cwd`` on one machine and Volcano on Kubernetes.
 
-Built on TorchX's ``dist.torchrun`` so the same elastic torchrun launch runs everywhere (design §7).
+Built on TorchX's ``dist.torchrun`` so the same elastic torchrun launch runs everywhere, with torchrun's
+agent started as ``trainer.agent``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from torchx import specs
 from torchx.components import dist
 
 TRAIN_MODULE = "trainer.train"
+AGENT = ("python", "-m", "trainer.agent")
 DEFAULT_IMAGE = "maeclip:0.1.0"
 
 
@@ -58,9 +60,10 @@ def train(
         rdzv_port=rdzv_port,
     )
     role = app.roles[0]
-    # dist.torchrun has no --max-restarts option: insert it right after the launcher name.
+    # torchrun runs as trainer.agent, for which SIGTERM (the kubelet's stop) is a stop and not a failure; exec
+    # makes it the pod's first process. dist.torchrun has no --max-restarts option: it goes right after.
     command = shlex.split(role.args[1])
-    role.args[1] = shlex.join([command[0], "--max-restarts", str(max_restarts), *command[1:]])
+    role.args[1] = "exec " + shlex.join([*AGENT, "--max-restarts", str(max_restarts), *command[1:]])
     return app
 
 

@@ -54,14 +54,30 @@ def exists(url: str) -> bool:
         return fs.exists(path)
 
 
-def read_bytes(url: str) -> bytes:
+class TooLarge(ValueError):
+    """An object larger than its reader allows (untrusted bytes are read with a bound)."""
+
+
+def read_bytes(url: str, limit: int | None = None) -> bytes:
+    """The object's bytes; with ``limit``, TooLarge instead of reading more than ``limit`` bytes."""
     fs, path = filesystem(url)
     with _reporting(url, "read"):
-        return fs.cat_file(path)
+        if limit is None:
+            return fs.cat_file(path)
+        with fs.open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"'{url}' is larger than the {limit} bytes allowed for it")
+    return data
 
 
-def read_text(url: str) -> str:
-    return read_bytes(url).decode()
+def read_text(url: str, limit: int | None = None) -> str:
+    """The object as UTF-8 text (bounded like ``read_bytes``); ValueError naming the URL when it is not UTF-8."""
+    data = read_bytes(url, limit)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"'{url}' is not UTF-8 text: {err}") from err
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -105,11 +121,17 @@ def remove(url: str) -> None:
             fs.rm(path, recursive=True)
 
 
+class NotWritable(StorageError):
+    """A local path we cannot write under (a file in the way, no permission): the user's to fix, not an outage."""
+
+
 def check_writable(url: str) -> None:
-    """Write and delete a probe object under ``url``; raise StorageError when that fails."""
+    """Write and delete a probe object under ``url``; raise StorageError when that fails (NotWritable for a
+    ``file://`` URL, where the cause is the path itself)."""
     probe = join(url, ".maeclip-write-probe")
     try:
         write_bytes(probe, b"ok")
         remove(probe)
     except (StorageError, OSError) as err:
-        raise StorageError(f"cannot write to '{url}': {err}") from err
+        error = NotWritable if local_path(url) is not None else StorageError
+        raise error(f"cannot write to '{url}': {err}") from err

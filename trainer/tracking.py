@@ -1,4 +1,4 @@
-"""MLflow tracking from rank 0 that never stops training (design §6).
+"""MLflow tracking from rank 0 that never stops training (docs/contracts.md §5).
 
 Calls go through one background thread with a queue: a tracking server that is down or slow delays metrics,
 it never blocks or kills the training loop. Failed calls are retried with backoff; what cannot be delivered
@@ -29,23 +29,30 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
-def _client(uri: str):
+def client(uri: str):
+    """An MlflowClient for tracking and registry at ``uri`` whose calls fail within seconds, not minutes.
+
+    MLflow's defaults (7 retries with exponential backoff, 120 s timeouts) keep a call to a closed port going
+    for about four minutes. The Tracker retries with its own backoff, and the gate should report an
+    unreachable server promptly, so one retry and a 15 s timeout (both still overridable by environment).
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # The Tracker retries with its own backoff; MLflow's long internal retry chain would only delay that.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
     from mlflow import MlflowClient  # imported lazily: mlflow is slow to import and only rank 0 needs it
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def start_or_resume_run(uri: str, experiment: str, run_id: str | None, run_name: str, tags: dict[str, str]) -> str:
     """The run id to log to: ``run_id`` when resuming, else a new run in ``experiment``."""
-    client = _client(uri)
+    mlflow_client = client(uri)
     if run_id:
-        client.update_run(run_id, status="RUNNING")
+        mlflow_client.update_run(run_id, status="RUNNING")
         return run_id
-    return client.create_run(ensure_experiment(client, experiment), run_name=run_name, tags=tags).info.run_id
+    experiment_id = ensure_experiment(mlflow_client, experiment)
+    return mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
 def ensure_experiment(client: Any, name: str) -> str:
@@ -113,12 +120,12 @@ class Tracker:
         self._queue.put(call)
 
     def _work(self) -> None:
-        client = None
+        mlflow_client = None
         while (call := self._queue.get()) is not None:
             for attempt in range(self.max_attempts):
                 try:
-                    client = client or _client(self.uri)
-                    call(client)
+                    mlflow_client = mlflow_client or client(self.uri)
+                    call(mlflow_client)
                     break
                 except Exception as err:  # a tracking outage must never reach the training loop
                     delay = min(self.backoff_s * 2**attempt, 30.0)

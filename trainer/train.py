@@ -2,7 +2,8 @@
 
 One loop for every objective: the objective module returns a dict of named losses whose ``loss`` entry is the
 total, so this file never knows which model runs. Resume is automatic from the newest committed checkpoint
-of ``train.run_url``; SIGTERM finishes the step, checkpoints and exits 0.
+of ``train.run_url``; SIGTERM finishes the step, checkpoints and exits 0. A non-finite loss stops every rank
+before the update, saves nothing and records ``diverged.json`` in the run URL for the launcher.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint, storage, tracking
+from trainer.agent import STOPPED_FILE
 from trainer.config import Config, ConfigError, OptimConfig, load_config, to_yaml
 from trainer.data.loader import build_train_loader
 from trainer.models import build_model, parameter_groups
@@ -34,6 +36,8 @@ from trainer.models.flops import flops_per_sample, mfu
 from trainer.models.vit import Block
 
 log = logging.getLogger("trainer.train")
+# Written into the run URL when the loss is not finite; read by the launcher (pipelines/cli.py).
+DIVERGED = "diverged.json"
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -108,10 +112,10 @@ def _tags(config: Config) -> dict[str, str]:
 
 
 class StopSignal:
-    """SIGTERM (preemption) seen by any rank: every rank finishes its step, checkpoints and exits 0.
+    """SIGTERM (preemption) seen by any rank, or a non-finite loss on any rank: every rank agrees to stop.
 
-    Ranks receive the signal at different moments, so they agree through an all-reduce on a CPU (gloo) group,
-    which costs no device synchronisation.
+    Ranks receive the signal at different moments, and a loss can overflow on one rank only, so they agree
+    through an all-reduce on a CPU (gloo) group, which costs no device synchronisation.
     """
 
     def __init__(self) -> None:
@@ -119,12 +123,33 @@ class StopSignal:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "received", True))
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
-    def agreed(self) -> bool:
-        if self.group is None:
-            return self.received
-        flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+    def agreed(self, diverged: bool) -> tuple[bool, bool]:
+        """(stop requested, diverged), each true when it is true on any rank."""
+        flags = torch.tensor([int(self.received), int(diverged)])
+        if self.group is not None:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0]), bool(flags[1])
+
+
+def read_divergence(run_url: str) -> dict[str, Any] | None:
+    """What the last launch on ``run_url`` recorded when its loss stopped being finite, or None."""
+    url = storage.join(run_url, DIVERGED)
+    return json.loads(storage.read_text(url)) if storage.exists(url) else None
+
+
+def _record_divergence(config: Config, step: int, loss: float, last_saved: int) -> None:
+    record = {"step": step, "loss": str(loss), "last_committed_step": last_saved, "config_digest": config.digest()}
+    storage.write_text(storage.join(config.train.run_url, DIVERGED), json.dumps(record))
+    print(f"[train] error: the loss is {loss} at step {step}; stopping without saving the diverged state "
+          f"(last committed step: {last_saved})", flush=True)
+
+
+def _report_stopped(step: int) -> None:
+    """Tell the agent (trainer.agent) that this node's workers stopped after a committed checkpoint."""
+    path = os.environ.get(STOPPED_FILE)
+    if path and os.environ.get("LOCAL_RANK", "0") == "0":
+        with open(path, "w") as handle:
+            handle.write(f"checkpoint of step {step} committed\n")
 
 
 class SampleAudit:
@@ -244,6 +269,7 @@ def train(config: Config) -> None:
     flops = flops_per_sample(config.model)
     if rank == 0:
         storage.write_text(storage.join(cfg_t.run_url, "config.yaml"), to_yaml(config))
+        storage.remove(storage.join(cfg_t.run_url, DIVERGED))  # an earlier launch's record, written by us
         uri = config.tracking.uri or tracking.default_tracking_uri()
         try:
             run_id = tracking.start_or_resume_run(uri, config.tracking.experiment, run_id, config.name, _tags(config))
@@ -261,6 +287,7 @@ def train(config: Config) -> None:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     batches = _batches(loader)
     step, last_saved = start, start
+    stopping = diverged = False
     window_start, data_wait = time.perf_counter(), 0.0
     while step < cfg_t.steps:
         torch.manual_seed(step_seed(cfg_t.seed, step, rank))
@@ -279,12 +306,18 @@ def train(config: Config) -> None:
                 (losses["loss"] / micro_steps).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0) + value.detach() / micro_steps
+        # Checked every step, before the update: a diverged state is never stepped into, saved or resumed from.
+        loss = totals["loss"].item()
+        stopping, diverged = stop.agreed(not math.isfinite(loss))
+        if diverged:
+            if rank == 0:
+                _record_divergence(config, step + 1, loss, last_saved)
+            break
         if config.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        stopping = stop.agreed()
 
         if rank == 0 and (step % cfg_t.log_every == 0 or step == cfg_t.steps):
             elapsed = time.perf_counter() - window_start
@@ -316,11 +349,13 @@ def train(config: Config) -> None:
         if stopping:
             break
     saver.wait()
+    if stopping:
+        _report_stopped(last_saved)
 
     if tracker:
-        tracker.set_terminated("FINISHED" if step >= cfg_t.steps else "KILLED")
+        tracker.set_terminated("FAILED" if diverged else "FINISHED" if step >= cfg_t.steps else "KILLED")
         tracker.close()
-    if rank == 0:
+    if rank == 0 and not diverged:
         print(f"[train] {'done' if step >= cfg_t.steps else 'stopped'} at step {last_saved}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Streaming loaders over MDS corpora at any storage URL (design §1): training batches and eval passes.
+"""Streaming loaders over MDS corpora at any storage URL (docs/contracts.md §1): training batches and eval passes.
 
 Training uses MosaicML Streaming's ``StreamingDataset``, which partitions each epoch over ranks and workers and
 records its position in ``StreamingDataLoader.state_dict()``; with ``num_canonical_nodes`` fixed, the sample
@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,16 +43,22 @@ class DataError(ValueError):
     """A dataset that is missing, empty or unreadable; the message names the URL."""
 
 
+# An MDS index lists every shard in a few hundred bytes each: 64 MiB is millions of shards.
+INDEX_LIMIT = 64 << 20
+
+
 def dataset_size(split_url: str) -> int:
     """Samples in the MDS split at ``split_url``; DataError when there is none or it is empty."""
     index_url = storage.join(split_url, "index.json")
     if not storage.exists(index_url):
         raise DataError(f"no MDS dataset at {split_url} (run `maeclip data shapes --out URL` or ingest first)")
     try:
-        shards = json.loads(storage.read_text(index_url))["shards"]
-    except (ValueError, KeyError) as err:
-        raise DataError(f"unreadable MDS index at {index_url}: {err}") from err
-    total = sum(shard["samples"] for shard in shards)
+        shards = json.loads(storage.read_text(index_url, limit=INDEX_LIMIT))["shards"]
+        total = sum(shard["samples"] for shard in shards)
+    except (ValueError, KeyError, TypeError, RecursionError) as err:  # not JSON, too large, not an MDS index
+        raise DataError(f"unreadable MDS index at {index_url}: {type(err).__name__}: {err}") from err
+    if not isinstance(total, int) or total < 0:
+        raise DataError(f"unreadable MDS index at {index_url}: sample counts are not counts")
     if total == 0:
         raise DataError(f"the dataset at {split_url} is empty (0 samples)")
     return total
@@ -138,7 +145,14 @@ def build_train_loader(config: Config) -> StreamingDataLoader:
         shuffle_algo=data.shuffle_algo, shuffle_block_size=data.shuffle_block_size or None,
     )
     return StreamingDataLoader(dataset, batch_size=data.batch_size, num_workers=data.num_workers, drop_last=True,
-                               persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available())
+                               persistent_workers=data.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                               worker_init_fn=_ignore_sigterm)
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """torchrun's agent stops a worker by signalling its whole process group: the loader's processes must
+    outlive that SIGTERM, so the rank can finish its step and checkpoint (they exit with the rank)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 
