@@ -111,6 +111,9 @@ class DataConfig:
     shuffle_algo: str = "py1e"
     # Samples per shuffle block; 0 is Streaming's default, max(4M / num_canonical_nodes, 2^18).
     shuffle_block_size: int = 0
+    # Train on a fixed, nested subset of this many samples of the train split (0 = all of it): the data-scale
+    # axis. Chosen from the sample keys alone (trainer/data/loader.py), the same for every seed and world size.
+    max_samples: int = 0
     # OpenAI CLIP's normalisation (open_clip constants.py).
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -611,6 +614,7 @@ def _validate_data(d: DataConfig) -> None:
     _range("data.num_canonical_nodes", d.num_canonical_nodes, 1, 1 << 16)
     _range("data.predownload", d.predownload, 0, 1 << 30)
     _range("data.shuffle_block_size", d.shuffle_block_size, 0, 1 << 40)
+    _range("data.max_samples", d.max_samples, 0, 1 << 40)
     _choice("data.shuffle_algo", d.shuffle_algo, ("py1e", "py1br", "py1s", "py2s", "naive"))
     if d.cache_limit and not re.fullmatch(r"\d{1,15}(\.\d{1,15})?[kmgt]?b", d.cache_limit.lower()):
         raise ConfigError(f"data.cache_limit: {quote(d.cache_limit)} is not a size such as 500mb or 20gb")
