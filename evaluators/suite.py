@@ -11,8 +11,10 @@ token and the class masks: those are kept (tokens in float16) for the first ``de
 split only, so their memory is bounded whatever the split's size. Probes fit on up to ``probe_train_samples``
 of the corpus' train split and are scored on the eval split. Objectives without a text tower (mae, m3ae) get
 the linear probes, segmentation, and VQA with a learned bag-of-words question encoder in place of the text
-tower (said on stderr). Results are merged into ``metrics.json`` beside the checkpoint and logged to the
-training run at the checkpoint's step; grounding, VQA and segmentation overlays go to MLflow as PNGs.
+tower (said on stderr). A task whose labels the eval split lacks (a caption-only corpus has none of the shapes
+labels) is skipped with a line on stderr; retrieval needs only captions. Results are merged into ``metrics.json``
+beside the checkpoint and logged to the training run at the checkpoint's step; grounding, VQA and segmentation
+overlays go to MLflow as PNGs.
 """
 
 from __future__ import annotations
@@ -118,6 +120,12 @@ def _release_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
+def _skip(evaluation: str, task: str, key: str, missing: int, total: int) -> None:
+    """Say on stderr that a task is skipped because the eval split lacks its labels (a caption-only corpus)."""
+    why = f"no '{key}' labels" if missing == total else f"no '{key}' label on {missing} of {total} samples"
+    print(f"[eval] {evaluation}: skipping {task}: the eval split has {why}", file=sys.stderr, flush=True)
+
+
 def _label_keys() -> list[str]:
     return sorted({t.label_key for t in linear_probe.load_probe_tasks()})
 
@@ -173,7 +181,7 @@ def _ground(
     found: _Collected,
 ) -> None:
     """Relevance maps of the primary object's prompt, scored against its mask; keep the first rows to draw."""
-    rows = [i for i, m in enumerate(batch["meta"]) if "labels" in m and "color" in m["labels"]]
+    rows = [i for i, m in enumerate(batch["meta"]) if {"color", "shape"} <= set(m.get("labels", {}))]
     rows = rows[: options.grounding_samples - found.grounded]
     masks = [grounding.primary_mask(batch["meta"][i], config.model.image_size) for i in rows]
     rows = [i for i, mask in zip(rows, masks, strict=True) if mask is not None]
@@ -224,6 +232,9 @@ def _zeroshot(model: nn.Module, found: _Collected, config: Config) -> dict[str, 
     metrics = {}
     features = torch.cat(found.embeddings)
     for task in zeroshot.load_tasks():
+        if missing := sum(task.label_key not in m["labels"] for m in found.metas):
+            _skip("zeroshot", task.name, task.label_key, missing, len(found.metas))
+            continue
         classifier = zeroshot.zero_shot_classifier(model, task.classnames, task.templates,
                                                    config.model.context_length).cpu()
         labels = torch.tensor(zeroshot._label_indices(task, found.metas))
@@ -242,8 +253,15 @@ def _retrieval(found: _Collected) -> dict[str, float]:
 def _linear(test: _Collected, train: _Collected, pool: str, options: SuiteOptions) -> dict[str, float]:
     train_features = {p: torch.cat(v) for p, v in train.pooled.items()}
     test_features = {p: torch.cat(v) for p, v in test.pooled.items()}
-    return linear_probe.score_probe_tasks(train_features, train.labels, test_features, test.labels,
-                                          linear_probe.load_probe_tasks(), pool, options.k_shots)
+    tasks = []
+    for task in linear_probe.load_probe_tasks():
+        labels = test.labels[task.label_key]
+        if all(label is None for label in labels):  # some missing is normal: one object has no relation
+            _skip("linear", task.name, task.label_key, len(labels), len(labels))
+        else:
+            tasks.append(task)
+    return linear_probe.score_probe_tasks(train_features, train.labels, test_features, test.labels, tasks, pool,
+                                          options.k_shots)
 
 
 def _vqa_set(model: nn.Module, found: _Collected, fusion: str) -> vqa.VqaSet:
@@ -316,6 +334,9 @@ def evaluate_model(
               file=sys.stderr, flush=True)
         kinds -= NEEDS_TEXT
     found = _stream(model, eval_batches, kinds, config, options, f"{suite} eval")
+    if "grounding" in kinds and not found.grounded:
+        print("[eval] grounding: skipping: the eval split has no 'color' and 'shape' labels with object masks or "
+              "boxes", file=sys.stderr, flush=True)
     metrics: dict[str, float] = {}
     if "zeroshot" in kinds:
         metrics |= _zeroshot(model, found, config)

@@ -48,6 +48,8 @@ from streaming.base.util import merge_index
 from tqdm import tqdm
 
 from trainer import storage
+from trainer.config import normalize_url
+from trainer.data.corpus import claim_corpus
 from trainer.data.loader import DataError
 from trainer.data.shapes import COLUMNS
 from trainer.data.sources import (
@@ -423,7 +425,9 @@ def ingest(src_url: str, out_url: str, options: IngestOptions, *, on_error: str 
            workers: int = 1) -> dict[str, Any]:
     """Ingest ``src_url`` into ``out_url/<split>`` as MDS; return the manifest also written to ``out_url``.
 
-    IngestIncomplete (after writing the manifest and index of the good shards) when some shards failed.
+    IngestIncomplete (after writing the manifest and index of the good shards) when some shards failed;
+    CorpusInUse, before anything is written, when ``out_url`` holds anything but an ingested corpus or a partial
+    ingest (``trainer/data/corpus.py``).
     """
     check_options(options, on_error)
     shards = list_input_shards(src_url, options.format)
@@ -432,7 +436,7 @@ def ingest(src_url: str, out_url: str, options: IngestOptions, *, on_error: str 
     by_dir = {_dir_name(s): s for s in shards}
     if len(by_dir) != len(shards):
         raise DataError(f"the source {src_url} has input shards whose names collide")
-    storage.check_writable(out_url)
+    claim_corpus(out_url, GENERATOR)  # CorpusInUse unless out_url is empty or ingest's; marks it ours first
     split_url = storage.join(out_url, options.split)
     index_url = storage.join(split_url, "index.json")
     done = {s: _committed(storage.join(split_url, _dir_name(s)), options) for s in shards}
@@ -499,3 +503,15 @@ def _run(jobs: list[_Job], workers: int) -> Iterator[dict[str, Any]]:
         return
     with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
         yield from pool.imap_unordered(ingest_shard, jobs)
+
+
+def ingest_source(src: str, out: str, *, on_error: str = "skip", workers: int = 1, **options: Any) -> dict[str, Any]:
+    """Ingest ``src`` into the corpus at ``out`` (``options``: ``IngestOptions`` fields); return its summary.
+
+    What ``maeclip data ingest`` and the pipelines' ``ingest_corpus`` step both run.
+    """
+    out = normalize_url(out, "--out")
+    if options.get("allowed_prefixes"):  # bare paths become file:// URLs, as SRC and --out do
+        options["allowed_prefixes"] = tuple(normalize_url(p, "--allow-prefix") for p in options["allowed_prefixes"])
+    manifest = ingest(normalize_url(src, "SRC"), out, IngestOptions(**options), on_error=on_error, workers=workers)
+    return {"url": out, "counts": manifest["counts"], "splits": manifest["splits"]}

@@ -9,6 +9,9 @@ map, pixel value = 1 + object index, 0 = background, drawn exactly as the image)
 spatial relation of the primary to the next-largest object; captions vary their wording, the order of the
 secondary objects and mention that relation. Class words (colour and shape names) are never replaced by
 synonyms, so captions and the zero-shot prompts share a vocabulary. v1 images are identical to v0's.
+
+The corpus is written only where the ownership rule of ``trainer/data/corpus.py`` allows (an empty URL, a shapes
+corpus, a partial write of shapes); anything else, an ingested corpus included, is ``CorpusInUse``, untouched.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from PIL import Image, ImageDraw
 from streaming import MDSWriter
 
 from trainer import storage
+from trainer.data.corpus import check_owner, claim_corpus
 
 GENERATOR_VERSION = "shapes-v1"
 # Scenes are drawn from the v0 random stream, so v1 images equal v0 images; v1 changes captions and meta.
@@ -225,10 +229,17 @@ def _write_split(url: str, split: str, n: int, seed: int, image_size: int) -> li
 
 
 def write_shapes(out_url: str, n_train: int, n_eval: int, seed: int, image_size: int = 64) -> dict[str, Any]:
-    """Write the train and eval splits and ``manifest.json`` under ``out_url``; return the manifest."""
+    """Write the train and eval splits and ``manifest.json`` under ``out_url``; return the manifest.
+
+    CorpusInUse, before anything is written or removed, when ``out_url`` holds anything but a shapes corpus.
+    """
+    owner = claim_corpus(out_url, GENERATOR_VERSION)
+    if owner.manifest is not None:  # first, so a rewrite killed midway is never taken for the old corpus
+        storage.remove(storage.join(out_url, "manifest.json"))
     shards = []
     for split, n in (("train", n_train), ("eval", n_eval)):
-        storage.remove(storage.join(out_url, split))  # never mix shards of two generations
+        if owner.generator is not None:  # proven ours by its manifest or marker: never mix two generations
+            storage.remove(storage.join(out_url, split))
         shards += _write_split(out_url, split, n, seed, image_size)
     total = n_train + n_eval
     manifest = {
@@ -245,10 +256,12 @@ def write_shapes(out_url: str, n_train: int, n_eval: int, seed: int, image_size:
 
 
 def ensure_shapes(out_url: str, n_train: int, n_eval: int, seed: int, image_size: int = 64) -> str:
-    """Write the corpus unless ``out_url`` already holds one of the same seed and sizes; return ``out_url``."""
-    manifest_url = storage.join(out_url, "manifest.json")
-    if storage.exists(manifest_url):
-        found = json.loads(storage.read_text(manifest_url))
+    """Write the corpus unless ``out_url`` already holds one of the same seed and sizes; return ``out_url``.
+
+    CorpusInUse when ``out_url`` holds anything but a shapes corpus (``write_shapes``).
+    """
+    found = check_owner(out_url, GENERATOR_VERSION).manifest
+    if found is not None:
         wanted = {"train": n_train, "eval": n_eval}
         if (found.get("generator"), found.get("seed"), found.get("splits"), found.get("image_size")) == (
             GENERATOR_VERSION, seed, wanted, image_size
