@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import storage
+from trainer.checkpoint import COMMITTED
 from trainer.tracking import Tracker, client
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,13 @@ def read_metrics(checkpoint_url: str) -> dict[str, Any]:
 
 
 def write_metrics(checkpoint_url: str, meta: dict[str, Any], metrics: dict[str, float], suite: str) -> None:
-    """Merge ``metrics`` into ``metrics.json``, recording the step, samples seen and which suites ran."""
+    """Merge ``metrics`` into ``metrics.json``, recording the step, samples seen and which suites ran.
+
+    Only into a committed checkpoint (FileNotFoundError otherwise): a folder without ``COMMITTED`` is not one
+    maeclip wrote, or not yet, and its files are not ours to overwrite (docs/contracts.md §8).
+    """
+    if not storage.exists(storage.join(checkpoint_url, COMMITTED)):
+        raise FileNotFoundError(f"no committed checkpoint at {checkpoint_url}: metrics.json is written only there")
     report = read_metrics(checkpoint_url)
     report.update(step=int(meta["step"]), samples_seen=meta.get("samples_seen"))
     report["metrics"] = {**report.get("metrics", {}), **metrics}

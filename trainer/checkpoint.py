@@ -356,13 +356,64 @@ def save_async(
     return PendingCheckpoint(future, lambda: _commit(run_url, url, step, config, meta))
 
 
+def written_by_us(url: str) -> bool:
+    """Whether ``url`` is a checkpoint ``_commit`` wrote: ``COMMITTED``, and a ``meta.json`` with a config digest.
+
+    The only checkpoint directories retention may delete (docs/contracts.md §8); a missing, oversized or
+    malformed ``meta.json`` means someone else's directory, not an error.
+    """
+    if not storage.exists(storage.join(url, COMMITTED)):
+        return False
+    try:
+        meta = json.loads(_read_file(url, "meta.json", MAX_TEXT_BYTES).decode("utf-8"))
+    except (FileNotFoundError, CheckpointRefused, ValueError):  # ValueError: bad JSON or UTF-8
+        return False
+    return isinstance(meta, dict) and "config_digest" in meta
+
+
 def _prune(run_url: str, keep_last: int) -> None:
-    for step, url in committed_checkpoints(run_url)[:-keep_last]:
+    # Counted and deleted among our own checkpoints only: anything else under checkpoints/ is not ours to remove.
+    ours = [(step, url) for step, url in committed_checkpoints(run_url) if written_by_us(url)]
+    for step, url in ours[:-keep_last]:
         if storage.exists(storage.join(url, "PROMOTED")):
             continue  # checkpoints the gate promoted are kept (docs/contracts.md §4)
         log.info("removing old checkpoint step %d", step)
         storage.remove(storage.join(url, COMMITTED))  # uncommit first: a half-deleted dir stays invisible
         storage.remove(url)
+
+
+# The marker that makes a run URL ours (docs/contracts.md §8): training writes and prunes only under a URL
+# that has it.
+RUN_MARKER = ".maeclip-run"
+# storage.check_writable's probe, removed right after it is written: never a sign of someone else's data.
+_WRITE_PROBE = ".maeclip-write-probe"
+
+
+class RunInUse(ValueError):
+    """A run URL that holds data maeclip did not write; training there could overwrite or prune it."""
+
+
+def _entry_list(names: list[str], shown: int = 5) -> str:
+    # Names come from whoever wrote the folder: quoted and cut, so the CLI's one line stays short.
+    listed = ", ".join(repr(name if len(name) <= 60 else name[:60] + "…") for name in names[:shown])
+    return listed + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def claim_run(run_url: str) -> None:
+    """Make ``run_url`` a maeclip run before anything is written into it, or raise ``RunInUse``.
+
+    A URL with the ``.maeclip-run`` marker is ours; an empty one gets the marker. A URL an older maeclip trained
+    into (no marker, but committed checkpoints ``_commit`` wrote) is adopted the same way. Anything else holds
+    someone else's data, which training's config, checkpoints and retention must never touch.
+    """
+    marker = storage.join(run_url, RUN_MARKER)
+    if storage.exists(marker):
+        return
+    entries = [name for name in storage.list_dir(run_url) if name != _WRITE_PROBE]
+    if entries and not any(written_by_us(url) for _, url in committed_checkpoints(run_url)):
+        raise RunInUse(f"run URL {run_url} holds data maeclip did not write ({_entry_list(entries)}); refusing to "
+                       f"train into it: choose an empty train.run_url or an existing maeclip run")
+    storage.write_text(marker, json.dumps({"created": time.time(), "by": "maeclip"}))
 
 
 def read_meta(url: str) -> dict[str, Any]:

@@ -268,6 +268,8 @@ def train(config: Config) -> None:
     run_id = meta.get("mlflow_run_id")
     flops = flops_per_sample(config.model)
     if rank == 0:
+        # Before the first write: this entry point may be started without the CLI's preflight.
+        checkpoint.claim_run(cfg_t.run_url)
         storage.write_text(storage.join(cfg_t.run_url, "config.yaml"), to_yaml(config))
         storage.remove(storage.join(cfg_t.run_url, DIVERGED))  # an earlier launch's record, written by us
         uri = config.tracking.uri or tracking.default_tracking_uri()
