@@ -15,207 +15,27 @@ import sys
 import time
 import traceback
 import typing
-import warnings
 from collections.abc import Sequence
-from typing import Any
 
+from pipelines.exit_codes import GATE_REJECTED, INFRASTRUCTURE_FAILURE, USAGE_ERROR, GateRejected, UsageError
+from pipelines.runner import PIPELINES, PipelineFailed, compile_pipeline, run_local_pipeline, submit_pipeline
 from trainer import storage
 from trainer.config import ConfigError, load_config, normalize_url
-
-INFRASTRUCTURE_FAILURE, USAGE_ERROR, GATE_REJECTED = 1, 2, 3
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; reported on one line with exit status 2."""
 
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the run's checkpoints end before that step."""
 
 
-class GateRejected(Exception):
-    """The gate's decision was "no"; the decision line is already printed (exit status 3)."""
-
-
 def _data_errors() -> tuple[type[BaseException], ...]:
     from evaluators.gate import PolicyError
-    from trainer.checkpoint import CheckpointRefused
+    from evaluators.registry import RegistryInUse
+    from evaluators.study_report import StudyReportError
+    from trainer.checkpoint import CheckpointRefused, RunInUse
     from trainer.data.loader import DataError
 
     return (ConfigError, DataError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            storage.NotWritable, PolicyError, CheckpointRefused)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Functions shared by the CLI and the kfp components.
-
-
-def preflight(preset: str, overrides: Sequence[str]):
-    """Validate the config, the dataset, the run URL and the checkpoint training would resume from; return
-    the resolved Config. A tampered checkpoint raises CheckpointRefused here, before anything is launched."""
-    from trainer.checkpoint import committed_checkpoints, verify_checkpoint
-    from trainer.data.loader import dataset_size
-
-    config = load_config(preset, overrides)
-    dataset_size(storage.join(config.data.url, "train"))
-    storage.check_writable(config.train.run_url)
-    # Newest first, as resume tries them: one with a file missing is skipped there too, a refused one is not.
-    for _, url in reversed(committed_checkpoints(config.train.run_url)):
-        try:
-            verify_checkpoint(url)
-        except FileNotFoundError:
-            continue
-        break
-    return config
-
-
-# TorchX's kubernetes scheduler submits Volcano jobs; queue and namespace are k8s/base's.
-KUBERNETES_CFG = {"queue": "maeclip", "namespace": "maeclip"}
-
-
-def run_training(
-    preset: str,
-    overrides: Sequence[str] = (),
-    *,
-    nnodes: str = "1",
-    nproc_per_node: int = 2,
-    scheduler: str = "local_cwd",
-    image: str | None = None,
-) -> str:
-    """Preflight, launch through TorchX, wait; return the newest committed checkpoint URL.
-
-    On ``kubernetes`` each process gets a GPU (``nproc_per_node`` GPUs per node) and the job runs ``image``.
-    """
-    from trainer.checkpoint import latest_checkpoint
-    from trainer.components import DEFAULT_IMAGE
-    from trainer.launch import check_launch, launch_training
-    from trainer.train import read_divergence
-
-    # Launch arguments before preflight: a bad one is reported without reading the dataset or the run URL.
-    check_launch(load_config(preset, overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler)
-    config = preflight(preset, overrides)
-    env = {}
-    if config.tracking.uri:
-        env["MLFLOW_TRACKING_URI"] = config.tracking.uri
-    on_cluster = scheduler == "kubernetes"
-    launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
-                    scheduler_cfg=KUBERNETES_CFG if on_cluster else None, env=env, image=image or DEFAULT_IMAGE,
-                    gpus=nproc_per_node if on_cluster else 0)
-    diverged = read_divergence(config.train.run_url)
-    if diverged is not None:
-        raise TrainingDiverged(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); nothing "
-                               f"after step {diverged['last_committed_step']} was saved")
-    latest = latest_checkpoint(config.train.run_url)
-    if latest is None:
-        raise RuntimeError(f"training finished without a committed checkpoint under {config.train.run_url}")
-    return latest
-
-
-def segment_end(total_steps: int, segment: int, segments: int) -> int:
-    """The step segment ``segment`` of ``segments`` trains to: the next multiple of ``total_steps / segments``."""
-    if not 1 <= segment <= segments:
-        raise UsageError(f"segment {segment} is not within 1..{segments}")
-    return -(-total_steps * segment // segments)
-
-
-def run_training_segment(
-    preset: str,
-    overrides: Sequence[str],
-    *,
-    segment: int,
-    segments: int,
-    nnodes: str = "1",
-    nproc_per_node: int = 2,
-    scheduler: str = "local_cwd",
-    image: str | None = None,
-) -> str:
-    """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint."""
-    train = load_config(preset, overrides).train
-    end = segment_end(train.steps, segment, segments)
-    schedule = train.schedule_steps or train.steps  # one warmup + cosine over the whole run, not per segment
-    return run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
-                        nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
-
-
-PIPELINES = ("train_eval", "study")
-
-
-def build_pipeline(name: str, segments: int):
-    """The pipeline ``name`` with ``segments`` gated training segments per chain."""
-    if not 1 <= segments <= 1000:
-        raise UsageError(f"--segments: {segments} is not within 1..1000")
-    if name == "train_eval":
-        from pipelines.train_eval import make_train_eval
-
-        return make_train_eval(segments)
-    if name == "study":
-        from pipelines.study import make_study
-
-        return make_study(segments)
-    raise UsageError(f"unknown pipeline '{name}' (pipelines: {', '.join(PIPELINES)})")
-
-
-def run_local_pipeline(name: str = "train_eval", segments: int = 2, pipeline_root: str = ".maeclip/kfp",
-                       **arguments) -> str:
-    """Run a pipeline with kfp's local SubprocessRunner in this interpreter (no network); return its output.
-
-    kfp.local runs two ParallelFor iterations at a time (its executor's cap), so each study variant gets half
-    the cores: two torch processes that each spin up a thread per core ran 10× slower on 2 cores.
-    """
-    import kfp.local
-
-    if name == "study":
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    # Said once per task: the image placeholder and accelerator settings only matter on a cluster.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-    warnings.filterwarnings("ignore", message=".*have no effect in the current local runner", category=UserWarning)
-    pipeline = build_pipeline(name, segments)
-    kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(pipeline_root))
-    return pipeline(**arguments).output
-
-
-def compile_pipeline(out: str, name: str = "train_eval", segments: int = 2) -> str:
-    """Compile to kfp IR YAML at the path ``out``, which must not exist yet (we overwrite nothing)."""
-    from kfp import compiler
-
-    if os.path.exists(out):
-        raise UsageError(f"--out: {out} already exists (choose a new file name)")
-    if not out.endswith((".yaml", ".yml", ".json")):
-        raise UsageError(f"--out: {out} must end in .yaml, .yml or .json (kfp picks the format by it)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise UsageError(f"--out: the folder of {out} does not exist")
-    compiler.Compiler().compile(build_pipeline(name, segments), package_path=out)
-    return out
-
-
-class PipelineFailed(RuntimeError):
-    """A submitted pipeline run ended in a state other than SUCCEEDED."""
-
-
-def submit_pipeline(host: str, name: str, segments: int, arguments: dict, *, experiment: str | None = None,
-                    service_account: str | None = None, wait_s: float | None = None, poll_s: float = 10.0) -> dict:
-    """Compile and submit a run to a Kubeflow Pipelines host; with ``wait_s``, wait for it to finish.
-
-    Returns ``{"run_id", "state"}``; a run that does not succeed raises PipelineFailed.
-    """
-    import tempfile
-
-    import kfp
-
-    with warnings.catch_warnings():  # an advisory that this client needs a v2 server, which we submit to
-        warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
-        client = kfp.Client(host=host)
-    with tempfile.TemporaryDirectory() as folder:
-        package = compile_pipeline(os.path.join(folder, f"{name}.yaml"), name, segments)
-        result = client.create_run_from_pipeline_package(
-            package, arguments=arguments, experiment_name=experiment, service_account=service_account,
-            run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    state = None
-    if wait_s is not None:
-        state = client.wait_for_run_completion(result.run_id, timeout=wait_s, sleep_duration=poll_s).state
-        if state.lower() != "succeeded":
-            raise PipelineFailed(f"pipeline run {result.run_id} ended {state}")
-    return {"run_id": result.run_id, "state": state}
+            storage.NotWritable, PolicyError, CheckpointRefused, RunInUse, RegistryInUse, StudyReportError)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -232,30 +52,20 @@ def _cmd_data_shapes(args: argparse.Namespace) -> None:
     print(json.dumps({"url": out, "counts": manifest.get("counts", manifest.get("splits"))}))
 
 
-def ingest_source(src: str, out: str, *, on_error: str = "skip", workers: int = 1, **options: Any) -> dict[str, Any]:
-    """Ingest ``src`` into the corpus at ``out`` (``options``: ``IngestOptions`` fields); return its summary.
-
-    What ``maeclip data ingest`` and the pipelines' ``ingest_corpus`` step both run.
-    """
-    from trainer.data.ingest import IngestOptions, ingest
-
-    out = normalize_url(out, "--out")
-    if options.get("allowed_prefixes"):  # bare paths become file:// URLs, as SRC and --out do
-        options["allowed_prefixes"] = tuple(normalize_url(p, "--allow-prefix") for p in options["allowed_prefixes"])
-    manifest = ingest(normalize_url(src, "SRC"), out, IngestOptions(**options), on_error=on_error, workers=workers)
-    return {"url": out, "counts": manifest["counts"], "splits": manifest["splits"]}
-
-
 def _cmd_data_ingest(args: argparse.Namespace) -> None:
     options = {key: getattr(args, key) for key in ("format", "split", "resize", "jpeg_quality", "max_pixels",
                                                      "image_column", "caption_column", "key_column",
                                                      "caption_template", "max_image_bytes", "max_caption_bytes",
                                                      "duplicate_keys")}
     options["allowed_prefixes"] = tuple(args.allow_prefix)
+    from trainer.data.ingest import ingest_source
+
     print(json.dumps(ingest_source(args.src, args.out, on_error=args.on_error, workers=args.workers, **options)))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from trainer.launch import run_training
+
     print(run_training(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
                        scheduler=args.scheduler))
 
@@ -334,34 +144,46 @@ def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
     """Pipeline parameters from the command line; unset ones keep the pipeline's defaults.
 
     Local runs get a fresh run URL and the embedded MLflow store; on a cluster the components fall back to
-    ``$MLFLOW_TRACKING_URI`` of their pods.
+    ``$MLFLOW_TRACKING_URI`` of their pods. A study is planned here, so every variant's config is validated
+    (and a study without its baseline refused) before kfp starts anything.
     """
     from trainer.tracking import default_tracking_uri
 
-    preset = args.preset or ("tiny-{objective}" if args.pipeline == "study" else "tiny-clip")
-    objectives, pools = args.objectives or ["clip", "maeclip"], args.pools or ["cls", "gap"]
-    if args.pipeline == "study":  # every grid point's config must load: fail here, before kfp starts anything
-        for objective in objectives:
-            for pool in pools:
-                load_config(preset.format(objective=objective), [*args.overrides, f"model.image_pool={pool}"])
-    config = load_config(preset.format(objective=objectives[0]), args.overrides)
+    study = args.pipeline == "study"
+    preset = args.preset or ("tiny-{arm}" if study else "tiny-clip")
+    config = load_config(preset.format(arm="clip"), args.overrides)
+    data_url = normalize_url(args.data_url, "--data-url") if args.data_url else config.data.url
+    if local:  # what the corpus step would refuse, before any step starts (the URL is reachable from here)
+        from trainer.data.corpus import check_corpus_target
+
+        check_corpus_target(args.corpus, data_url)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     given = {
-        "overrides": list(args.overrides),
-        "data_url": normalize_url(args.data_url, "--data-url") if args.data_url else config.data.url,
+        "corpus": args.corpus, "data_url": data_url, "source_url": args.source_url,
+        "source_format": args.source_format,
         "tracking_uri": args.tracking_uri or (config.tracking.uri or default_tracking_uri() if local else None),
         "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node, "scheduler": args.scheduler,
-        "suite": args.suite, "gate_policy": _policy(args.policy), "n_train": args.n_train, "n_eval": args.n_eval,
+        "n_train": args.n_train, "n_eval": args.n_eval,
     }
-    if args.pipeline == "study":
-        from pipelines.study import grid
+    if study:
+        from pipelines.study import plan_study
 
         name = args.study_name or f"study-{stamp}"
-        given |= {"preset_pattern": preset, "study_name": name, "experiment": name,
-                  "runs_url": normalize_url(args.run_url or f".maeclip/runs/{name}", "--run-url"),
-                  "variants": grid(objectives, pools, args.seeds or [0])}
+        runs_url = normalize_url(args.run_url or f".maeclip/runs/{name}", "--run-url")
+        try:
+            variants = plan_study(args.arms or ["clip", "maeclip"], args.pools or ["cls", "gap"],
+                                  args.data_sizes or [0], args.seeds or [0], preset_pattern=preset,
+                                  overrides=list(args.overrides), runs_url=runs_url, experiment=name,
+                                  model_name="maeclip-study", suite=args.suite or "", policy=_policy(args.policy))
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        given |= {"study_name": name, "experiment": name, "runs_url": runs_url, "variants": variants}
     else:
-        given |= {"preset": preset,
+        from evaluators.policies import policy_for, suite_for
+
+        objective = config.model.objective  # mae and m3ae are gated on probes, the others zero-shot
+        given |= {"preset": preset, "overrides": list(args.overrides), "suite": args.suite or suite_for(objective),
+                  "gate_policy": _policy(args.policy) or policy_for(objective),
                   "run_url": normalize_url(args.run_url or f".maeclip/runs/{config.name}-{stamp}", "--run-url")}
     return {k: v for k, v in given.items() if v is not None}
 
@@ -408,9 +230,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                                            run_url=run_url, tracking_uri=uri, nproc_per_node=2))
     _print_chain(run_url, record)
     name = f"demo-study-{stamp}"
-    print(f"\n[demo] study {name}: (clip, maeclip) × (cls, gap), 1 seed, each a gated chain", flush=True)
-    table = run_local_pipeline("study", 1, preset_pattern="tiny-{objective}", overrides=DEMO_STUDY,
-                               data_url=data_url, runs_url=normalize_url(f".maeclip/runs/{name}"),
+    runs_url = normalize_url(f".maeclip/runs/{name}")
+    print(f"\n[demo] study {name}: matched arms (clip, maeclip) × (cls, gap), 1 seed, every variant trained "
+          "alike", flush=True)
+    from pipelines.study import plan_study
+
+    variants = plan_study(["clip", "maeclip"], ["cls", "gap"], [0], [0], preset_pattern="tiny-{arm}",
+                          overrides=DEMO_STUDY, runs_url=runs_url, experiment=name, model_name="maeclip-demo")
+    table = run_local_pipeline("study", 1, variants=variants, data_url=data_url, runs_url=runs_url,
                                tracking_uri=uri, experiment=name, study_name=name, nproc_per_node=1)
     print(f"\n[demo] finished in {time.time() - started:.0f} s\n\n{table}")
     print(f"\nOpen the MLflow UI on these runs:\n  .venv/bin/mlflow ui --backend-store-uri {uri}")
@@ -544,12 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--policy", default=None, help="gate policy YAML/JSON (default: colour top-1 ≥ 0.3)")
     pipeline.add_argument("--n-train", type=int, default=None, help="shapes corpus training samples")
     pipeline.add_argument("--n-eval", type=int, default=None, help="shapes corpus evaluation samples")
-    pipeline.add_argument("--objectives", nargs="+", default=None, help="study: objectives")
+    pipeline.add_argument("--corpus", choices=["shapes", "existing", "ingest"], default="shapes",
+                          help="shapes: write the synthetic corpus (only into an empty URL or one holding shapes); "
+                               "existing: validate --data-url, never write; ingest: ingest --source-url into it")
+    pipeline.add_argument("--source-url", default="", help="--corpus ingest: the source to ingest")
+    pipeline.add_argument("--source-format", default="", help="--corpus ingest: webdataset, parquet, csv, imagefolder")
+    pipeline.add_argument("--arms", nargs="+", default=None,
+                          help="study: matched arms (clip, the baseline, and e.g. maeclip flip-matched)")
     pipeline.add_argument("--pools", nargs="+", default=None, help="study: image poolings")
+    pipeline.add_argument("--data-sizes", nargs="+", type=int, default=None,
+                          help="study: training samples per variant, nested subsets of the corpus (0: all of it)")
     pipeline.add_argument("--seeds", nargs="+", type=int, default=None, help="study: seeds")
     pipeline.add_argument("--study-name", default=None, help="study: name and MLflow experiment")
     pipeline.add_argument("--config", "--preset", dest="config", default=None,
-                          help="preset (study: a pattern such as tiny-{objective})")
+                          help="preset (study: a pattern such as tiny-{arm})")
     pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     pipeline.set_defaults(func=_cmd_pipeline, preset=None)
 

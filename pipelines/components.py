@@ -9,19 +9,21 @@ pipelines at compile time.
 """
 
 
-from typing import NamedTuple
-
 from kfp import dsl
 
 IMAGE = "ghcr.io/maeclip/maeclip:0.1.0"
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def shapes_corpus(out_url: str, n_train: int, n_eval: int, seed: int) -> str:
-    """Ingest: write the synthetic shapes corpus unless its shards are already there; return its URL."""
-    from trainer.data.shapes import ensure_shapes
+def prepare_corpus(corpus: str, data_url: str, source_url: str, source_format: str, n_train: int, n_eval: int,
+                   seed: int) -> str:
+    """The corpus the pipeline trains on; return its URL. ``corpus``: ``shapes`` writes the synthetic corpus
+    (only into an empty URL or one holding shapes), ``existing`` validates and never writes, ``ingest`` ingests
+    ``source_url`` (a rerun skips finished shards)."""
+    from trainer.data.corpus import prepare_corpus as prepare
 
-    return ensure_shapes(out_url, n_train=n_train, n_eval=n_eval, seed=seed)
+    return prepare(corpus, data_url, source_url=source_url, source_format=source_format, n_train=n_train,
+                   n_eval=n_eval, seed=seed)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -32,7 +34,7 @@ def ingest_corpus(source_url: str, source_format: str, out_url: str, split: str,
     ``duplicate_keys`` is --duplicate-keys; ``allowed_prefixes`` holds the --allow-prefix URLs, space-separated."""
     import json
 
-    from pipelines.cli import ingest_source
+    from trainer.data.ingest import ingest_source
 
     summary = ingest_source(source_url, out_url, on_error=on_error, workers=workers, format=source_format,
                             split=split, duplicate_keys=duplicate_keys,
@@ -59,7 +61,7 @@ def train_segment(
 
     Resumes from the run's newest committed checkpoint; returns the checkpoint the segment ended on.
     """
-    from pipelines.cli import run_training_segment
+    from trainer.launch import run_training_segment
 
     return run_training_segment(
         preset,
@@ -93,8 +95,9 @@ def gate(checkpoint_url: str, policy: dict) -> bool:
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(run_url: str, policy: dict, model_name: str, tracking_uri: str) -> str:
-    """Register the run's best passing checkpoint (none passed: nothing); return the record as JSON."""
+def register(run_url: str, policy: dict, model_name: str, tracking_uri: str, variant: dict = {}) -> str:  # noqa: B006
+    """Register the run's best passing checkpoint (none passed: nothing); return the record as JSON, with the
+    study ``variant`` it trained (if any) and the checkpoint that was ``registered`` (or None)."""
     import json
 
     from evaluators.gate import load_policy, register_best
@@ -102,41 +105,37 @@ def register(run_url: str, policy: dict, model_name: str, tracking_uri: str) -> 
 
     record = register_best(run_url, load_policy(policy), model_name=model_name,
                            tracking_uri=tracking_uri or default_tracking_uri())
+    passed = record["decision"] is not None and record["decision"]["passed"]
+    # kfp passes a dict's numbers as floats: the grid's are integers
+    record |= {k: int(v) if isinstance(v, float) else v for k, v in variant.items()}
+    record["registered"] = record["checkpoint"] if passed else None
     print(json.dumps(record))
     return json.dumps(record)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def open_study(tracking_uri: str, experiment: str) -> str:
-    """Create the study's MLflow experiment before the variants start (they would race to); return its id."""
-    from evaluators.study_report import open_study as open_experiment
-    from trainer.tracking import default_tracking_uri
+    """Create the study's MLflow experiment before the variants start; return its id. The variants train
+    concurrently: two creating the experiment, or initialising a fresh sqlite store (a duplicate-column
+    migration error), at the same moment would leave one untracked."""
+    from trainer.tracking import client, default_tracking_uri, ensure_experiment
 
-    return open_experiment(tracking_uri or default_tracking_uri(), experiment)
-
-
-@dsl.component(base_image=IMAGE, install_kfp_package=False)
-def plan_variant(
-    variant: dict, preset_pattern: str, overrides: list, runs_url: str, experiment: str, model_name: str
-) -> NamedTuple("Variant", [("preset", str), ("overrides", list), ("run_url", str), ("model_name", str)]):
-    """Preset, overrides, run URL and model name of one study grid point."""
-    from collections import namedtuple
-
-    from evaluators.study_report import plan_variant as plan
-
-    planned = plan(variant, preset_pattern, overrides, runs_url, experiment, model_name)
-    return namedtuple("Variant", list(planned))(**planned)
+    return ensure_experiment(client(tracking_uri or default_tracking_uri()), experiment)
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def report(records: list, tracking_uri: str, experiment: str, study_name: str, metrics: list) -> str:
-    """Comparison table (mean ± 95 % CI over seeds) and plot, logged to an MLflow parent run; the table."""
+def report(records: list, tracking_uri: str, experiment: str, study_name: str, metrics: list, runs_url: str,
+           baseline: str) -> str:
+    """Cells (mean ± 95 % CI over seeds), paired differences against ``baseline`` and the effect plot, written
+    to ``runs_url/report`` and an MLflow parent run; return the Markdown tables."""
     import json
 
     from evaluators.study_report import report_study
+    from trainer import storage
     from trainer.tracking import default_tracking_uri
 
     built = report_study([json.loads(r) for r in records], tracking_uri=tracking_uri or default_tracking_uri(),
-                         experiment=experiment, study_name=study_name, metrics=metrics)
+                         experiment=experiment, study_name=study_name, metrics=metrics,
+                         out_url=storage.join(runs_url, "report"), baseline=baseline)
     print(built["table"])
     return built["table"]

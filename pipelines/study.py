@@ -1,35 +1,112 @@
-"""The ``study`` pipeline: the objective × pooling (× seed) grid in parallel, each a gated ``train_eval`` chain,
-then one report comparing them (mean ± 95 % CI over seeds, plots, an MLflow parent run).
+"""The ``study`` pipeline: arms × poolings × data sizes × seeds, each variant trained the same steps, then one
+report of cells (mean ± 95 % CI over seeds) and paired differences arm − baseline.
 
-The grid is a run-time parameter (a list of ``{objective, pool, seed}``), fanned out with ``dsl.ParallelFor``
-after the corpus and the study's MLflow experiment exist; each variant's register record is gathered with
-``dsl.Collected`` into the report step.
+A study is a controlled experiment (docs/study.md):
+- an *arm* is a preset that differs from the baseline ``clip`` only in the keys it sets (``trainer/arms.py``);
+- every variant trains the same steps: in a study the gate marks each segment's checkpoint and decides what is
+  registered, never how long a variant trains;
+- data sizes are nested deterministic subsets of the corpus (``data.max_samples``), the same for every arm and
+  seed;
+- the report takes each variant's final checkpoint, so nothing is selected on the split that is reported.
+
+Variants are planned before the run (``plan_study``): each ParallelFor item carries its preset, overrides, run
+URL, gate policy and suite, so the grid needs no planning step of its own at run time. (No postponed
+annotations here: kfp reads the pipeline functions' type hints.)
 """
 
+from collections.abc import Sequence
+from typing import Any
 
 from kfp import dsl
 
+from evaluators.policies import policy_for, suite_for
 from evaluators.study_report import DEFAULT_METRICS
 from pipelines import components
-from pipelines.train_eval import DEFAULT_PLATFORM, DEFAULT_POLICY, Platform, make_chain
+from pipelines.train_eval import DEFAULT_PLATFORM, Platform
+from trainer import storage
+from trainer.arms import BASELINE
+from trainer.config import load_config
 
 
-def grid(objectives: list[str], pools: list[str], seeds: list[int]) -> list[dict]:
-    """Every ``{objective, pool, seed}`` combination, in a stable order."""
-    return [{"objective": o, "pool": p, "seed": s} for o in objectives for p in pools for s in seeds]
+def grid(arms: Sequence[str], pools: Sequence[str], data_sizes: Sequence[int], seeds: Sequence[int]) -> list[dict]:
+    """Every ``{arm, pool, data_size, seed}``, in a stable order (data size 0: the whole corpus)."""
+    return [{"arm": a, "pool": p, "data_size": n, "seed": s}
+            for a in arms for p in pools for n in data_sizes for s in seeds]
+
+
+def plan_variant(variant: dict[str, Any], *, preset_pattern: str, overrides: Sequence[str], runs_url: str,
+                 experiment: str, model_name: str, suite: str = "", policy: dict | None = None) -> dict[str, Any]:
+    """What one grid point trains and how it is gated: preset, overrides, run URL, policy, suite.
+
+    The arm, pooling, data size and seed only ever enter as those four settings, so variants of a study
+    differ in nothing else. The policy and suite follow the arm's objective (``evaluators.policies``: mae and
+    m3ae are judged on linear probes) unless the study names its own.
+    """
+    arm, pool, size, seed = str(variant["arm"]), str(variant["pool"]), int(variant["data_size"]), int(variant["seed"])
+    preset = preset_pattern.format(arm=arm)
+    settings = [*overrides, f"model.image_pool={pool}", f"data.max_samples={size}", f"train.seed={seed}",
+                f"tracking.experiment={experiment}"]
+    objective = load_config(preset, settings).model.objective  # also validates the variant's whole config
+    name = f"{arm}-{pool}-n{size or 'all'}"
+    return {
+        "variant": {"arm": arm, "pool": pool, "data_size": size, "seed": seed},
+        "preset": preset,
+        "overrides": settings,
+        "run_url": storage.join(runs_url, f"{name}-seed{seed}"),
+        "model_name": f"{model_name}-{name}",
+        "policy": policy or policy_for(objective),
+        "suite": suite or suite_for(objective),
+    }
+
+
+def plan_study(arms: Sequence[str], pools: Sequence[str], data_sizes: Sequence[int], seeds: Sequence[int],
+               **plan: Any) -> list[dict[str, Any]]:
+    """``plan_variant`` of every grid point; the baseline must be among the arms (the report pairs with it)."""
+    if BASELINE not in arms:
+        raise ValueError(f"a study compares arms with the baseline '{BASELINE}': add it to the arms")
+    return [plan_variant(v, **plan) for v in grid(arms, pools, data_sizes, seeds)]
+
+
+def _variant_chain(segments: int, platform: Platform):
+    """One variant: ``segments`` × [train → evaluate → gate (marks only)], then register its best passing one."""
+
+    @dsl.pipeline(name=f"variant-{segments}-segments")
+    def chain(preset: str, overrides: list, data_url: str, run_url: str, tracking_uri: str, nnodes: str,
+              nproc_per_node: int, scheduler: str, image: str, suite: str, gate_policy: dict, model_name: str,
+              variant: dict) -> str:
+        previous = None
+        for segment in range(1, segments + 1):
+            trained = platform.apply(components.train_segment(
+                preset=preset, overrides=overrides, data_url=data_url, run_url=run_url, tracking_uri=tracking_uri,
+                nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, segment=segment,
+                segments=segments, image=image), image)
+            if previous is not None:
+                trained.after(previous)
+            evaluated = platform.apply(components.evaluate(
+                checkpoint_url=trained.output, suite=suite, tracking_uri=tracking_uri), image, gpu=True)
+            previous = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image)
+            for task in (trained, evaluated, previous):
+                task.set_caching_options(False)  # side effects: checkpoints, markers, MLflow
+        registered = components.register(run_url=run_url, policy=gate_policy, model_name=model_name,
+                                         tracking_uri=tracking_uri, variant=variant).after(previous)
+        return platform.apply(registered, image).set_caching_options(False).output
+
+    return chain
 
 
 def make_study(segments: int = 1, platform: Platform = DEFAULT_PLATFORM):
-    """``study`` whose variants each train in ``segments`` gated segments."""
-    chain = make_chain(segments, platform)
+    """``study`` whose variants each train in ``segments`` segments, every one to the same final step."""
+    chain = _variant_chain(segments, platform)
 
     @dsl.pipeline(name="maeclip-study",
-                  description="Objective × pooling (× seed) grid of gated train_eval chains, then a comparison.")
+                  description="Arms × poolings × data sizes × seeds trained alike, then cells with CIs and paired "
+                              "differences against the clip baseline.")
     def study(
-        variants: list = grid(["clip", "maeclip"], ["cls", "gap"], [0]),  # noqa: B008 - kfp defaults
-        preset_pattern: str = "tiny-{objective}",
-        overrides: list = [],  # noqa: B006
+        variants: list = [],  # noqa: B006 - kfp defaults; plan_study's output
+        corpus: str = "shapes",
         data_url: str = "file://.maeclip/data/shapes",
+        source_url: str = "",
+        source_format: str = "",
         runs_url: str = "file://.maeclip/runs/study",
         tracking_uri: str = "",
         experiment: str = "maeclip-study",
@@ -41,26 +118,24 @@ def make_study(segments: int = 1, platform: Platform = DEFAULT_PLATFORM):
         n_train: int = 4096,
         n_eval: int = 512,
         seed: int = 0,
-        suite: str = "quick",
-        gate_policy: dict = DEFAULT_POLICY,
-        model_name: str = "maeclip-study",
         metrics: list = list(DEFAULT_METRICS),  # noqa: B006
+        baseline: str = BASELINE,
     ) -> str:
-        corpus = platform.apply(components.shapes_corpus(out_url=data_url, n_train=n_train, n_eval=n_eval,
-                                                         seed=seed), image)
+        prepared = platform.apply(components.prepare_corpus(
+            corpus=corpus, data_url=data_url, source_url=source_url, source_format=source_format, n_train=n_train,
+            n_eval=n_eval, seed=seed), image)
         opened = platform.apply(components.open_study(tracking_uri=tracking_uri, experiment=experiment), image)
-        with dsl.ParallelFor(items=variants, name="variants") as variant:
-            planned = platform.apply(components.plan_variant(
-                variant=variant, preset_pattern=preset_pattern, overrides=overrides, runs_url=runs_url,
-                experiment=experiment, model_name=model_name), image).after(corpus, opened)
-            # data_url, not corpus.output: kfp.local resolves an outer task's output inside a loop to the loop
-            # item; the corpus step returns data_url unchanged, and plan-variant runs after it.
-            chained = chain(preset=planned.outputs["preset"], overrides=planned.outputs["overrides"],
-                            data_url=data_url, run_url=planned.outputs["run_url"], tracking_uri=tracking_uri,
-                            nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image, suite=suite,
-                            gate_policy=gate_policy, model_name=planned.outputs["model_name"])
+        with dsl.ParallelFor(items=variants, name="variants") as planned:
+            # data_url, not prepared.output: kfp.local resolves an outer task's output inside a loop to the loop
+            # item; the corpus step returns data_url unchanged, and every variant starts after it.
+            chained = chain(preset=planned.preset, overrides=planned.overrides, data_url=data_url,
+                            run_url=planned.run_url, tracking_uri=tracking_uri, nnodes=nnodes,
+                            nproc_per_node=nproc_per_node, scheduler=scheduler, image=image, suite=planned.suite,
+                            gate_policy=planned.policy, model_name=planned.model_name,
+                            variant=planned.variant).after(prepared, opened)
         compared = components.report(records=dsl.Collected(chained.output), tracking_uri=tracking_uri,
-                                     experiment=experiment, study_name=study_name, metrics=metrics)
+                                     experiment=experiment, study_name=study_name, metrics=metrics,
+                                     runs_url=runs_url, baseline=baseline)
         return platform.apply(compared, image).set_caching_options(False).output
 
     return study

@@ -1,4 +1,4 @@
-"""The ``train_eval`` pipeline: ingest → K segments of [train → evaluate → gate] → register the best checkpoint.
+"""The ``train_eval`` pipeline: corpus → K segments of [train → evaluate → gate] → register the best checkpoint.
 
 K is fixed at compile time (``make_train_eval(segments)``). kfp has no loops with early exit, so the chain is
 nested: segment k is its own sub-pipeline whose ``dsl.If(gate passed)`` branch holds segment k + 1 (or, for
@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 
 from kfp import dsl, kubernetes
 
+from evaluators.policies import policy_for
 from pipelines import components
 
-GATE_METRIC = "eval/zeroshot/shapes-color/top1"
-# Thresholds pass a segment on; the champion rule decides registration against the registered champion.
-DEFAULT_POLICY = {"thresholds": [{"metric": GATE_METRIC, "min": 0.3}],
-                  "champion": {"metric": GATE_METRIC, "tolerance": 0.02}}
+# The default preset's policy; the CLI passes the preset's own (evaluators/policies.py) for other objectives.
+DEFAULT_POLICY = policy_for("clip")
 
 
 @dataclass(frozen=True)
@@ -112,12 +111,15 @@ def make_train_eval(segments: int = 2, platform: Platform = DEFAULT_PLATFORM):
     chain = make_chain(segments, platform)
 
     @dsl.pipeline(name="maeclip-train-eval",
-                  description=f"Shapes corpus, then {segments} segment(s) of train → evaluate → gate; the best "
-                              "passing checkpoint is registered.")
+                  description=f"Corpus (shapes, existing or ingested), then {segments} segment(s) of train → "
+                              "evaluate → gate; the best passing checkpoint is registered.")
     def train_eval(
         preset: str = "tiny-clip",
         overrides: list = [],  # noqa: B006 - kfp takes pipeline defaults from the signature
+        corpus: str = "shapes",
         data_url: str = "file://.maeclip/data/shapes",
+        source_url: str = "",
+        source_format: str = "",
         run_url: str = "file://.maeclip/runs/tiny-clip",
         tracking_uri: str = "",
         nnodes: str = "1",
@@ -131,9 +133,10 @@ def make_train_eval(segments: int = 2, platform: Platform = DEFAULT_PLATFORM):
         gate_policy: dict = DEFAULT_POLICY,
         model_name: str = "maeclip",
     ) -> str:
-        corpus = platform.apply(components.shapes_corpus(out_url=data_url, n_train=n_train, n_eval=n_eval,
-                                                         seed=seed), image)
-        return chain(preset=preset, overrides=overrides, data_url=corpus.output, run_url=run_url,
+        prepared = platform.apply(components.prepare_corpus(
+            corpus=corpus, data_url=data_url, source_url=source_url, source_format=source_format, n_train=n_train,
+            n_eval=n_eval, seed=seed), image)
+        return chain(preset=preset, overrides=overrides, data_url=prepared.output, run_url=run_url,
                      tracking_uri=tracking_uri, nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
                      image=image, suite=suite, gate_policy=gate_policy, model_name=model_name).output
 

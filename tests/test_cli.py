@@ -71,8 +71,9 @@ def test_eval_without_checkpoint(tmp_path):
     [(["pipeline", "run"], ["needs --local"]),
      (["pipeline", "submit"], ["needs --host"]),
      (["pipeline", "run", "--local", "--set", "optim.lrr=1"], ["unknown config key 'optim.lrr'"]),
-     (["pipeline", "run", "--local", "--pipeline", "study", "--objectives", "clip", "clp"],
+     (["pipeline", "run", "--local", "--pipeline", "study", "--arms", "clip", "clp"],
       ["unknown preset 'tiny-clp'"]),
+     (["pipeline", "run", "--local", "--pipeline", "study", "--arms", "maeclip"], ["baseline 'clip'"]),
      (["pipeline", "run", "--local", "--pipeline", "study", "--pools", "cls", "avg"], ["model.image_pool", "avg"])],
 )
 def test_pipeline_usage_errors(tmp_path, args, needles):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.cli import run_training
 from trainer import checkpoint
 from trainer.data.shapes import write_shapes
+from trainer.launch import run_training
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 

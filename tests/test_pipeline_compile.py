@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cli import compile_pipeline
+from pipelines.runner import compile_pipeline
 
 PASSED = "inputs.parameter_values['pipelinechannel--gate-Output'] == true"
 
@@ -49,8 +49,8 @@ def _only_task(spec: dict, component: str) -> dict:
 def test_train_eval_chains_segments_behind_their_gates(tmp_path, segments):
     spec, _ = _compile(tmp_path, "train_eval", segments)
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"shapes-corpus", f"segment-1-of-{segments}"}
-    assert root[f"segment-1-of-{segments}"]["dependentTasks"] == ["shapes-corpus"]
+    assert set(root) == {"prepare-corpus", f"segment-1-of-{segments}"}
+    assert root[f"segment-1-of-{segments}"]["dependentTasks"] == ["prepare-corpus"]
     component = _ref(root[f"segment-1-of-{segments}"])
     for segment in range(1, segments + 1):
         assert component == f"comp-segment-{segment}-of-{segments}"
@@ -64,25 +64,28 @@ def test_train_eval_chains_segments_behind_their_gates(tmp_path, segments):
     assert component.startswith("comp-register")  # after the last passing gate: register
 
 
-def test_study_fans_out_over_the_grid_and_collects_into_the_report(tmp_path):
+def test_study_fans_out_over_the_planned_grid_and_collects_into_the_report(tmp_path):
     spec, _ = _compile(tmp_path, "study", 2)
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"shapes-corpus", "open-study", "for-loop-1", "report"}
+    assert set(root) == {"prepare-corpus", "open-study", "for-loop-1", "report"}
     loop = root["for-loop-1"]
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--variants"}
-    assert sorted(loop["dependentTasks"]) == ["open-study", "shapes-corpus"]  # variants start after both
-    body = _dag(spec, "comp-for-loop-1")
-    assert set(body) == {"plan-variant", "segment-1-of-2"}
-    assert body["segment-1-of-2"]["dependentTasks"] == ["plan-variant"]
-    assert body["segment-1-of-2"]["inputs"]["parameters"]["run_url"]["taskOutputParameter"]["producerTask"] == (
-        "plan-variant")
+    assert sorted(loop["dependentTasks"]) == ["open-study", "prepare-corpus"]  # variants start after both
+    (variant,) = _dag(spec, "comp-for-loop-1").values()  # the plan is the loop item: no planning step
     report = root["report"]
     assert report["dependentTasks"] == ["for-loop-1"]
-    assert report["inputs"]["parameters"]["records"]["taskOutputParameter"] == {
-        "outputParameterKey": "pipelinechannel--segment-1-of-2-Output", "producerTask": "for-loop-1"}
-    defaults = spec["root"]["inputDefinitions"]["parameters"]
-    grid = {(v["objective"], v["pool"]) for v in defaults["variants"]["defaultValue"]}
-    assert grid == {("clip", "cls"), ("clip", "gap"), ("maeclip", "cls"), ("maeclip", "gap")}
+    assert report["inputs"]["parameters"]["records"]["taskOutputParameter"]["producerTask"] == "for-loop-1"
+    # equal compute: both segments train, each gated, whatever a gate decides; no condition anywhere
+    tasks = _dag(spec, _ref(variant))
+    assert {_ref(t).removeprefix("comp-").rstrip("-0123456789") for t in tasks.values()} == {
+        "train-segment", "evaluate", "gate", "register"}
+    segments = sorted(t["inputs"]["parameters"]["segment"]["runtimeValue"]["constant"]
+                      for t in tasks.values() if _ref(t).startswith("comp-train-segment"))
+    assert segments == [1, 2]
+    assert not any("triggerPolicy" in t for t in tasks.values())
+    second = next(name for name, t in tasks.items() if _ref(t).startswith("comp-train-segment")
+                  and t["inputs"]["parameters"]["segment"]["runtimeValue"]["constant"] == 2)
+    assert any(d.startswith("gate") for d in tasks[second]["dependentTasks"])  # after the first gate, not behind it
 
 
 @pytest.mark.parametrize("name", ["train_eval", "study"])

@@ -11,7 +11,8 @@ import pytest
 from mlflow import MlflowClient
 
 from evaluators.registry import CHAMPION, Registry
-from pipelines.cli import run_local_pipeline
+from pipelines.runner import run_local_pipeline
+from pipelines.study import plan_study
 from trainer import checkpoint, storage
 
 TINY = ["train.steps=4", "train.log_every=2", "data.batch_size=16", "data.num_workers=1", "optim.warmup_steps=1"]
@@ -75,43 +76,52 @@ def test_a_failed_gate_stops_the_chain_and_registers_nothing(failing):
     assert _marker(found[0][1]) == "REJECTED"
     decision = json.loads(storage.read_text(storage.join(found[0][1], "REJECTED")))
     assert not decision["passed"] and "below its minimum 1.01" in decision["reasons"][0]
-    assert failing["record"] == {"run_url": failing["run_url"], "checkpoint": None, "decision": None}
+    assert failing["record"] == {"run_url": failing["run_url"], "checkpoint": None, "decision": None,
+                                 "registered": None}
     assert MlflowClient(failing["tracking_uri"]).search_registered_models() == []
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
+    """clip and mae at two data sizes, 2 segments each, judged by one zero-shot policy: mae has no zero-shot
+    metric, so its gate fails after every segment, and it must still train as long as clip."""
     root = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri, runs_url = f"sqlite:///{root}/mlflow.db", f"file://{root}/runs"
+    variants = plan_study(["clip", "mae"], ["cls"], [64, 128], [0], preset_pattern="tiny-{arm}", overrides=TINY,
+                          runs_url=runs_url, experiment="mini", model_name="tiny", suite="quick", policy=EASY)
     table = run_local_pipeline(
-        "study", 1, pipeline_root=str(root / "kfp"), variants=[{"objective": "clip", "pool": p, "seed": 0}
-                                                               for p in ("cls", "gap")],
-        overrides=TINY, data_url=f"file://{root}/shapes", runs_url=f"file://{root}/runs", tracking_uri=uri,
-        experiment="mini", study_name="mini", nproc_per_node=1, n_train=128, n_eval=32, gate_policy=EASY,
-        model_name="tiny",
+        "study", 2, pipeline_root=str(root / "kfp"), variants=variants, data_url=f"file://{root}/shapes",
+        runs_url=runs_url, tracking_uri=uri, experiment="mini", study_name="mini", nproc_per_node=1, n_train=128,
+        n_eval=32,
     )
-    return {"table": table, "tracking_uri": uri, "runs_url": f"file://{root}/runs"}
+    return {"table": table, "tracking_uri": uri, "runs_url": runs_url, "variants": variants}
 
 
-def test_study_trains_each_variant_with_its_pooling(study):
-    for pool in ("cls", "gap"):
-        run_url = storage.join(study["runs_url"], f"clip-{pool}-seed0")
-        latest = checkpoint.latest_checkpoint(run_url)
-        assert latest.endswith("step-000000004") and _marker(latest) == "PROMOTED"
-        assert f"image_pool: {pool}" in storage.read_text(storage.join(latest, "config.yaml"))
-        assert Registry(study["tracking_uri"], f"tiny-clip-{pool}").by_alias(CHAMPION).checkpoint_url == latest
+def test_every_variant_trains_the_same_steps_whatever_its_gate_says(study):
+    for planned in study["variants"]:
+        found = checkpoint.committed_checkpoints(planned["run_url"])
+        assert [step for step, _ in found] == [2, 4], planned["variant"]
+        arm, size = planned["variant"]["arm"], planned["variant"]["data_size"]
+        assert f"max_samples: {size}" in storage.read_text(storage.join(found[-1][1], "config.yaml"))
+        markers = [_marker(url) for _, url in found]
+        assert markers == (["PROMOTED", "PROMOTED"] if arm == "clip" else ["REJECTED", "REJECTED"])
 
 
-def test_study_report_compares_the_variants_in_an_mlflow_parent_run(study):
-    lines = study["table"].splitlines()
-    assert lines[0].startswith("| objective | pool | seeds | gate passed | eval/zeroshot/shapes-color/top1")
-    assert [line.split(" | ")[:4] for line in lines[2:]] == [["| clip", "cls", "1", "1/1"],
-                                                              ["| clip", "gap", "1", "1/1"]]
+def test_the_report_takes_final_checkpoints_and_flags_what_was_not_registered(study):
+    report = json.loads(storage.read_text(storage.join(study["runs_url"], "report", "study.json")))
+    cells = {(c["arm"], c["data_size"]): c for c in report["cells"] if c["metric"] == COLOR}
+    assert set(cells) == {("clip", 64), ("clip", 128)}
+    assert all((cell["n"], cell["registered"]) == (1, 1) for cell in cells.values())
+    # mae has no zero-shot metric: it is listed as missing at its final checkpoint, not registered
+    missing = {(m["arm"], m["data_size"]): m for m in report["variants"] if m["missing"]}
+    assert set(missing) == {("mae", 64), ("mae", 128)}
+    assert all(m["registered"] is None and m["checkpoint"].endswith("step-000000004") for m in missing.values())
+    for planned in study["variants"]:
+        final = checkpoint.latest_checkpoint(planned["run_url"])
+        assert final.endswith("step-000000004")
     client = MlflowClient(study["tracking_uri"])
     experiment = client.get_experiment_by_name("mini")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("maeclip.study") == "mini"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["image_pool"] for r in children) == ["cls", "gap"]
-    artifacts = {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "study")}
-    assert artifacts == {"comparison.md", "comparison.json", "comparison.png"}
+    assert sorted(r.data.tags["objective"] for r in children) == ["clip", "clip", "mae", "mae"]

@@ -131,13 +131,14 @@ def test_submit_creates_the_experiment_and_a_run_with_spec_and_parameters(kubefl
 
 @pytest.mark.parametrize("kubeflow", ["FAILED"], indirect=True)
 def test_submit_wait_fails_when_the_run_fails(kubeflow, tmp_path):
-    result = _submit(kubeflow, tmp_path, "--pipeline", "study", "--segments", "1", "--objectives", "clip",
+    result = _submit(kubeflow, tmp_path, "--pipeline", "study", "--segments", "1", "--arms", "clip",
                      "--pools", "cls", "map", "--seeds", "0", "1")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["maeclip: error: pipeline run run-1 ended FAILED"]
     run = next(b for m, p, b in kubeflow.requests if (m, p) == ("POST", f"{API}/runs"))
     assert _spec(run)["pipelineInfo"]["name"] == "maeclip-study"
     parameters = run["runtime_config"]["parameters"]
-    assert parameters["preset_pattern"] == "tiny-{objective}"
-    assert [(v["pool"], v["seed"]) for v in parameters["variants"]] == [("cls", 0), ("cls", 1), ("map", 0),
-                                                                         ("map", 1)]
+    variants = [v["variant"] for v in parameters["variants"]]
+    assert [(v["arm"], v["pool"], v["seed"]) for v in variants] == [("clip", "cls", 0), ("clip", "cls", 1),
+                                                                      ("clip", "map", 0), ("clip", "map", 1)]
+    assert {v["preset"] for v in parameters["variants"]} == {"tiny-clip"}

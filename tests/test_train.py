@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.cli import run_training
 from trainer import checkpoint, storage
 from trainer.data.shapes import write_shapes
+from trainer.launch import run_training
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "data.shuffle_seed": ["-1", "4294967296", "18446744073709551616"],
     "data.num_canonical_nodes": ["0", "-1", "1000000"],
     "data.predownload": ["-1", "2147483648"],
+    "data.max_samples": ["-1", "2199023255552"],
     "data.shuffle_block_size": ["-1", "2199023255552"],
     "data.image_mean": ["[-0.1, 0.5, 0.5]", "[255, 0, 0]", "[0.5, 0.5]", "[0.5, 0.5, 0.5, 0.5]"],
     "data.image_std": ["[0, 0, 0]", "[-1, 0.2, 0.2]", "[58.4, 57.1, 57.4]", "[0.2]"],
@@ -152,9 +153,10 @@ def launches(monkeypatch) -> list:
     validation let through would reach the (recorded) launch instead of failing on the missing dataset."""
     calls: list = []
     monkeypatch.setattr(trainer.launch, "launch_training", lambda *a, **k: calls.append(("launch", a, k)) or "h")
-    monkeypatch.setattr(trainer.data.loader, "dataset_size", lambda url: calls.append(("dataset", url)) or 64)
+    monkeypatch.setattr(trainer.launch, "dataset_size", lambda url, n=0: calls.append(("dataset", url)) or 64)
     monkeypatch.setattr(storage, "check_writable", lambda url: calls.append(("writable", url)))
-    monkeypatch.setattr(trainer.checkpoint, "latest_checkpoint", lambda url: f"{url}/step-000000001")
+    monkeypatch.setattr(trainer.launch, "claim_run", lambda url: calls.append(("claim", url)))
+    monkeypatch.setattr(trainer.launch, "latest_checkpoint", lambda url: f"{url}/step-000000001")
     return calls
 
 
@@ -235,6 +237,6 @@ def test_valid_arguments_do_launch(tmp_path, launches):
                                   "--nproc-per-node=4")
     assert code == 0, stderr
     assert stdout.strip() == f"file://{tmp_path}/run/step-000000001"
-    assert [call[0] for call in launches] == ["dataset", "writable", "launch"]
+    assert [call[0] for call in launches] == ["dataset", "writable", "claim", "launch"]
     kwargs = launches[-1][2]
     assert (kwargs["nnodes"], kwargs["nproc_per_node"], kwargs["scheduler"]) == ("1:2", 4, "local_cwd")

@@ -1,4 +1,6 @@
-"""Launch the training AppDef through a TorchX scheduler, stream its logs, wait and report the outcome."""
+"""Launching training: check everything that can be checked first (config, launch arguments, dataset, run URL,
+the checkpoint it would resume from), run the TorchX AppDef on a scheduler, stream its logs, wait, and report
+the outcome (a committed checkpoint, or why not). What ``maeclip train`` and the pipelines' training step run."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ from collections.abc import Sequence
 from torchx.runner import get_runner
 from torchx.specs import AppState
 
-from trainer import components
-from trainer.config import Config, ConfigError, quote
+from trainer import components, storage
+from trainer.checkpoint import claim_run, committed_checkpoints, latest_checkpoint, verify_checkpoint
+from trainer.config import Config, ConfigError, load_config, quote
+from trainer.data.loader import dataset_size
+from trainer.train import read_divergence
 
 # The TorchX schedulers we build AppDefs for: local_cwd (one machine) and kubernetes (Volcano).
 SCHEDULERS = ("local_cwd", "kubernetes")
@@ -22,6 +27,10 @@ MAX_PROCS_PER_NODE = 1024
 
 class TrainingFailed(RuntimeError):
     """The training job ended in a state other than SUCCEEDED."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; the run's checkpoints end before that step."""
 
 
 def parse_nnodes(nnodes: str | int) -> tuple[int, int]:
@@ -112,3 +121,85 @@ def _tail(runner, handle: str, role: str, replica: int) -> None:
             print(line, end="" if line.endswith("\n") else "\n", flush=True)
     except Exception as err:  # logs are a convenience; the job's state is what counts
         print(f"[launch] log stream ended: {err}", file=sys.stderr)
+
+
+def preflight(preset: str, overrides: Sequence[str]) -> Config:
+    """Validate the config, the dataset, the run URL and the checkpoint training would resume from; return
+    the resolved Config. A tampered checkpoint raises CheckpointRefused here, a run URL holding data maeclip
+    did not write RunInUse, before anything is launched."""
+    config = load_config(preset, overrides)
+    dataset_size(storage.join(config.data.url, "train"), config.data.max_samples)
+    storage.check_writable(config.train.run_url)
+    claim_run(config.train.run_url)  # a run URL holding others' data is refused (RunInUse) before any launch
+    # Newest first, as resume tries them: one with a file missing is skipped there too, a refused one is not.
+    for _, url in reversed(committed_checkpoints(config.train.run_url)):
+        try:
+            verify_checkpoint(url)
+        except FileNotFoundError:
+            continue
+        break
+    return config
+
+
+# TorchX's kubernetes scheduler submits Volcano jobs; queue and namespace are k8s/base's.
+KUBERNETES_CFG = {"queue": "maeclip", "namespace": "maeclip"}
+
+
+def run_training(
+    preset: str,
+    overrides: Sequence[str] = (),
+    *,
+    nnodes: str = "1",
+    nproc_per_node: int = 2,
+    scheduler: str = "local_cwd",
+    image: str | None = None,
+) -> str:
+    """Preflight, launch through TorchX, wait; return the newest committed checkpoint URL.
+
+    On ``kubernetes`` each process gets a GPU (``nproc_per_node`` GPUs per node) and the job runs ``image``.
+    """
+    # Launch arguments before preflight: a bad one is reported without reading the dataset or the run URL.
+    check_launch(load_config(preset, overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler)
+    config = preflight(preset, overrides)
+    env = {}
+    if config.tracking.uri:
+        env["MLFLOW_TRACKING_URI"] = config.tracking.uri
+    on_cluster = scheduler == "kubernetes"
+    launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
+                    scheduler_cfg=KUBERNETES_CFG if on_cluster else None, env=env,
+                    image=image or components.DEFAULT_IMAGE,
+                    gpus=nproc_per_node if on_cluster else 0)
+    diverged = read_divergence(config.train.run_url)
+    if diverged is not None:
+        raise TrainingDiverged(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); nothing "
+                               f"after step {diverged['last_committed_step']} was saved")
+    latest = latest_checkpoint(config.train.run_url)
+    if latest is None:
+        raise RuntimeError(f"training finished without a committed checkpoint under {config.train.run_url}")
+    return latest
+
+
+def segment_end(total_steps: int, segment: int, segments: int) -> int:
+    """The step segment ``segment`` of ``segments`` trains to: the next multiple of ``total_steps / segments``."""
+    if not 1 <= segment <= segments:
+        raise ConfigError(f"segment {segment} is not within 1..{segments}")
+    return -(-total_steps * segment // segments)
+
+
+def run_training_segment(
+    preset: str,
+    overrides: Sequence[str],
+    *,
+    segment: int,
+    segments: int,
+    nnodes: str = "1",
+    nproc_per_node: int = 2,
+    scheduler: str = "local_cwd",
+    image: str | None = None,
+) -> str:
+    """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint."""
+    train = load_config(preset, overrides).train
+    end = segment_end(train.steps, segment, segments)
+    schedule = train.schedule_steps or train.steps  # one warmup + cosine over the whole run, not per segment
+    return run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
+                        nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
