@@ -83,12 +83,16 @@ def test_a_failed_gate_stops_the_chain_and_registers_nothing(failing):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    """clip and mae at two data sizes, 2 segments each, judged by one zero-shot policy: mae has no zero-shot
-    metric, so its gate fails after every segment, and it must still train as long as clip."""
+    """clip and flip-matched at two data sizes, 2 segments each; flip-matched's gate cannot pass (its plan gets
+    an impossible policy), so it must still train as long as clip and be reported, not registered."""
     root = tmp_path_factory.mktemp("study")
     uri, runs_url = f"sqlite:///{root}/mlflow.db", f"file://{root}/runs"
-    variants = plan_study(["clip", "mae"], ["cls"], [64, 128], [0], preset_pattern="tiny-{arm}", overrides=TINY,
-                          runs_url=runs_url, experiment="mini", model_name="tiny", suite="quick", policy=EASY)
+    variants = plan_study(["clip", "flip-matched"], ["cls"], [64, 128], [0], preset_pattern="tiny-{arm}",
+                          overrides=TINY, runs_url=runs_url, experiment="mini", model_name="tiny", suite="quick",
+                          policy=EASY)
+    for planned in variants:  # a plan is data: the failing arm's policy is set per variant
+        if planned["variant"]["arm"] == "flip-matched":
+            planned["policy"] = IMPOSSIBLE
     table = run_local_pipeline(
         "study", 2, pipeline_root=str(root / "kfp"), variants=variants, data_url=f"file://{root}/shapes",
         runs_url=runs_url, tracking_uri=uri, experiment="mini", study_name="mini", nproc_per_node=1, n_train=128,
@@ -110,18 +114,20 @@ def test_every_variant_trains_the_same_steps_whatever_its_gate_says(study):
 def test_the_report_takes_final_checkpoints_and_flags_what_was_not_registered(study):
     report = json.loads(storage.read_text(storage.join(study["runs_url"], "report", "study.json")))
     cells = {(c["arm"], c["data_size"]): c for c in report["cells"] if c["metric"] == COLOR}
-    assert set(cells) == {("clip", 64), ("clip", 128)}
-    assert all((cell["n"], cell["registered"]) == (1, 1) for cell in cells.values())
-    # mae has no zero-shot metric: it is listed as missing at its final checkpoint, not registered
-    missing = {(m["arm"], m["data_size"]): m for m in report["variants"] if m["missing"]}
-    assert set(missing) == {("mae", 64), ("mae", 128)}
-    assert all(m["registered"] is None and m["checkpoint"].endswith("step-000000004") for m in missing.values())
-    for planned in study["variants"]:
-        final = checkpoint.latest_checkpoint(planned["run_url"])
-        assert final.endswith("step-000000004")
+    assert set(cells) == {("clip", 64), ("clip", 128), ("flip-matched", 64), ("flip-matched", 128)}
+    for (arm, _), cell in cells.items():  # the failed gate changed registration only, not what is reported
+        assert (cell["n"], cell["registered"]) == ((1, 1) if arm == "clip" else (1, 0))
+    for variant in report["variants"]:
+        final = checkpoint.latest_checkpoint(variant["run_url"])
+        assert variant["checkpoint"] == final and final.endswith("step-000000004")
+        metrics = json.loads(storage.read_text(storage.join(final, "metrics.json")))["metrics"]
+        cell = cells[(variant["arm"], variant["data_size"])]
+        assert cell["mean"] == pytest.approx(metrics[COLOR])  # the final checkpoint's number, one seed
+    paired = {(p["arm"], p["data_size"]) for p in report["paired"] if p["metric"] == COLOR}
+    assert paired == {("flip-matched", 64), ("flip-matched", 128)}
     client = MlflowClient(study["tracking_uri"])
     experiment = client.get_experiment_by_name("mini")
     runs = client.search_runs([experiment.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("maeclip.study") == "mini"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.tags["objective"] for r in children) == ["clip", "clip", "mae", "mae"]
+    assert sorted(r.data.tags["objective"] for r in children) == ["clip", "clip", "flip", "flip"]
