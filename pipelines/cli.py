@@ -17,26 +17,17 @@ import traceback
 import typing
 from collections.abc import Sequence
 
-from pipelines.exit_codes import GATE_REJECTED, INFRASTRUCTURE_FAILURE, USAGE_ERROR, GateRejected, UsageError
+from pipelines.exit_codes import (
+    GATE_REJECTED,
+    INFRASTRUCTURE_FAILURE,
+    USAGE_ERROR,
+    GateRejected,
+    UsageError,
+    bad_input_errors,
+)
 from pipelines.runner import PIPELINES, PipelineFailed, compile_pipeline, run_local_pipeline, submit_pipeline
 from trainer import storage
-from trainer.config import ConfigError, load_config, normalize_url
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss stopped being finite; the run's checkpoints end before that step."""
-
-
-def _data_errors() -> tuple[type[BaseException], ...]:
-    from evaluators.gate import PolicyError
-    from evaluators.registry import RegistryInUse
-    from evaluators.study_report import StudyReportError
-    from trainer.checkpoint import CheckpointRefused, RunInUse
-    from trainer.data.loader import DataError
-
-    return (ConfigError, DataError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            storage.NotWritable, PolicyError, CheckpointRefused, RunInUse, RegistryInUse, StudyReportError)
-
+from trainer.config import load_config, normalize_url
 
 # ---------------------------------------------------------------------------------------------------------
 # Subcommands.
@@ -408,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.preset = args.config
     try:
         args.func(args)
-    except _data_errors() as err:
+    except bad_input_errors() as err:
         print(f"maeclip: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(USAGE_ERROR)
     except GateRejected:

@@ -15,3 +15,18 @@ class UsageError(Exception):
 
 class GateRejected(Exception):
     """The gate's decision was "no"; the decision line is already printed (exit status 3)."""
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Every error that means the input was bad (exit status 2): imported when asked, since they live in the
+    modules that raise them and some of those are slow to import."""
+    from evaluators.gate import PolicyError
+    from evaluators.registry import RegistryInUse
+    from evaluators.study_report import StudyReportError
+    from trainer import storage
+    from trainer.checkpoint import CheckpointRefused, RunInUse
+    from trainer.config import ConfigError
+    from trainer.data.loader import DataError
+
+    return (ConfigError, DataError, UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            storage.NotWritable, PolicyError, CheckpointRefused, RunInUse, RegistryInUse, StudyReportError)
