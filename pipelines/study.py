@@ -79,7 +79,7 @@ def _variant_chain(segments: int, platform: Platform):
             trained = platform.apply(components.train_segment(
                 preset=preset, overrides=overrides, data_url=data_url, run_url=run_url, tracking_uri=tracking_uri,
                 nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, segment=segment,
-                segments=segments, image=image), image)
+                segments=segments, image=image), image).set_retry(num_retries=2)  # resumes a stopped job
             if previous is not None:
                 trained.after(previous)
             evaluated = platform.apply(components.evaluate(

@@ -72,7 +72,8 @@ def _segment_pipeline(segment: int, segments: int, platform: Platform):
         trained = platform.apply(components.train_segment(
             preset=preset, overrides=overrides, data_url=data_url, run_url=run_url, tracking_uri=tracking_uri,
             nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, segment=segment,
-            segments=segments, image=image), image)  # a launcher: TorchX schedules the training job's pods
+            segments=segments, image=image), image).set_retry(num_retries=2)
+        # a launcher (TorchX schedules the training job's pods); a retry resumes a stopped or failed job
         evaluated = platform.apply(components.evaluate(
             checkpoint_url=trained.output, suite=suite, tracking_uri=tracking_uri), image, gpu=True)
         gated = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image)

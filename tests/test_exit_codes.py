@@ -211,3 +211,21 @@ def test_a_non_finite_loss_stops_training_without_a_checkpoint_and_status_1(corp
     assert "diverged at step 3" in line and "nan" in line
     assert [step for step, _ in checkpoint.committed_checkpoints(config.train.run_url)] == [2]
     assert "the loss is nan at step 3" in result.stdout
+
+
+def test_a_segment_stopped_before_its_end_fails_its_step_instead_of_being_evaluated(corpus, tmp_path, monkeypatch):
+    """A preempted job commits and exits 0; in a pipeline the segment must then fail (and be retried), or the
+    variant would be evaluated, and compared, after fewer steps than the others."""
+    import trainer.launch
+
+    config = load_config("tiny-clip", _overrides(corpus, tmp_path, 4)[3::2])
+
+    def stopped_at_step_1(*args, **kwargs) -> str:  # what a SIGTERM'd job leaves: one committed checkpoint
+        model = build_model(config.model)
+        checkpoint.save(config.train.run_url, 1, model, torch.optim.AdamW(model.parameters()), config, {})
+        return "handle"
+
+    monkeypatch.setattr(trainer.launch, "launch_training", stopped_at_step_1)
+    with pytest.raises(trainer.launch.TrainingStopped, match="stopped at step 1, before the end of segment 2 of 2"):
+        trainer.launch.run_training_segment("tiny-clip", _overrides(corpus, tmp_path, 4)[3::2], segment=2,
+                                            segments=2, nproc_per_node=1)

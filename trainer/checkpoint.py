@@ -87,6 +87,14 @@ def committed_checkpoints(run_url: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def checkpoint_step(url: str) -> int:
+    """The step of a checkpoint URL (``.../step-000000400`` -> 400)."""
+    match = _STEP_DIR.match(url.rstrip("/").rsplit("/", 1)[-1])
+    if match is None:
+        raise ValueError(f"{url} is not a checkpoint URL (…/step-NNNNNNNNN)")
+    return int(match.group(1))
+
+
 def latest_checkpoint(run_url: str) -> str | None:
     found = committed_checkpoints(run_url)
     return found[-1][1] if found else None

@@ -14,7 +14,13 @@ from torchx.runner import get_runner
 from torchx.specs import AppState
 
 from trainer import components, storage
-from trainer.checkpoint import claim_run, committed_checkpoints, latest_checkpoint, verify_checkpoint
+from trainer.checkpoint import (
+    checkpoint_step,
+    claim_run,
+    committed_checkpoints,
+    latest_checkpoint,
+    verify_checkpoint,
+)
 from trainer.config import Config, ConfigError, load_config, quote
 from trainer.data.loader import dataset_size
 from trainer.train import read_divergence
@@ -31,6 +37,10 @@ class TrainingFailed(RuntimeError):
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; the run's checkpoints end before that step."""
+
+
+class TrainingStopped(RuntimeError):
+    """The job was stopped (and committed) before the step it was asked to reach."""
 
 
 def parse_nnodes(nnodes: str | int) -> tuple[int, int]:
@@ -197,9 +207,19 @@ def run_training_segment(
     scheduler: str = "local_cwd",
     image: str | None = None,
 ) -> str:
-    """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint."""
+    """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint.
+
+    A job stopped early (SIGTERM: a preemption) has committed a checkpoint and exited 0, but the segment is not
+    done: that raises TrainingStopped, so the pipeline step fails (and its retry resumes) instead of evaluating
+    a shorter run, which would give this variant less compute than the others.
+    """
     train = load_config(preset, overrides).train
     end = segment_end(train.steps, segment, segments)
     schedule = train.schedule_steps or train.steps  # one warmup + cosine over the whole run, not per segment
-    return run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
-                        nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
+    latest = run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
+                          nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
+    reached = checkpoint_step(latest)
+    if reached < end:
+        raise TrainingStopped(f"training stopped at step {reached}, before the end of segment {segment} of "
+                              f"{segments} (step {end}); run it again to resume from {latest}")
+    return latest
