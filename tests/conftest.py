@@ -94,3 +94,12 @@ def s3_server() -> Iterator[str]:
 def unique() -> str:
     """A short unique name for paths inside shared buckets."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(params=["file", "gs", "s3"])
+def run_url(request, tmp_path, unique) -> str:
+    """A fresh run URL on each storage backend: local disk, the GCS emulator, moto's S3."""
+    root = {"file": lambda: f"file://{tmp_path}",
+            "gs": lambda: request.getfixturevalue("gcs_emulator"),
+            "s3": lambda: request.getfixturevalue("s3_server")}[request.param]()
+    return f"{root}/{unique}/run"

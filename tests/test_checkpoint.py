@@ -6,18 +6,10 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from small_models import model_and_optimizer
 
 from trainer import checkpoint, storage
 from trainer.config import load_config
-
-
-def _model_and_optimizer(seed: int):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
 
 
 @pytest.fixture(params=["file", "gs", "s3"])
@@ -30,7 +22,7 @@ def config(request, tmp_path, unique):
 
 
 def test_save_writes_every_file_and_commits_last(config):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     url = checkpoint.save(config.train.run_url, 5, model, optimizer, config, {"samples_seen": 40})
     assert url.endswith("/checkpoints/step-000000005")
     names = storage.list_dir(url)
@@ -46,9 +38,9 @@ def test_save_writes_every_file_and_commits_last(config):
 
 
 def test_resume_restores_model_and_optimizer_exactly(config):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     checkpoint.save(config.train.run_url, 3, model, optimizer, config, {})
-    fresh_model, fresh_optimizer = _model_and_optimizer(1)
+    fresh_model, fresh_optimizer = model_and_optimizer(1)
     resumed = checkpoint.resume(config.train.run_url, fresh_model, fresh_optimizer)
     assert resumed is not None and resumed.step == 3
     for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
@@ -58,9 +50,9 @@ def test_resume_restores_model_and_optimizer_exactly(config):
 
 def test_directory_without_committed_is_ignored_and_torn_checkpoint_skipped(config):
     run = config.train.run_url
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     checkpoint.save(run, 2, model, optimizer, config, {})
-    newer, newer_optimizer = _model_and_optimizer(7)
+    newer, newer_optimizer = model_and_optimizer(7)
     url4 = checkpoint.save(run, 4, newer, newer_optimizer, config, {})
     # an uncommitted step-6 directory does not exist for readers
     storage.write_text(storage.join(run, "checkpoints", "step-000000006", "meta.json"), "{}")
@@ -68,7 +60,7 @@ def test_directory_without_committed_is_ignored_and_torn_checkpoint_skipped(conf
     # truncate step 4's shard: resume falls back to step 2 with a warning
     shard = storage.join(url4, next(n for n in storage.list_dir(url4) if n.endswith(".distcp")))
     storage.write_bytes(shard, storage.read_bytes(shard)[:10])
-    target, target_optimizer = _model_and_optimizer(3)
+    target, target_optimizer = model_and_optimizer(3)
     resumed = checkpoint.resume(run, target, target_optimizer)
     assert resumed is not None and resumed.step == 2
     for a, b in zip(model.parameters(), target.parameters(), strict=True):
@@ -77,7 +69,7 @@ def test_directory_without_committed_is_ignored_and_torn_checkpoint_skipped(conf
 
 def test_keep_last_prunes_old_but_keeps_promoted(config):
     run = config.train.run_url
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     first = checkpoint.save(run, 1, model, optimizer, config, {})
     checkpoint.mark(first, "PROMOTED")
     for step in (2, 3, 4):
@@ -87,14 +79,14 @@ def test_keep_last_prunes_old_but_keeps_promoted(config):
 
 
 def test_no_checkpoint_means_fresh_start(config):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     assert checkpoint.resume(config.train.run_url, model, optimizer) is None
     with pytest.raises(FileNotFoundError):
         checkpoint.load_for_eval(storage.join(config.train.run_url, "checkpoints", "step-000000001"))
 
 
 def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(config):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     url = checkpoint.save(config.train.run_url, 1, model, optimizer, config, {})
     storage.remove(storage.join(url, ".metadata"))
     with pytest.raises(RuntimeError, match="none of the 1 committed checkpoints"):
@@ -103,7 +95,7 @@ def test_all_checkpoints_unreadable_is_an_error_not_a_fresh_start(config):
 
 def test_async_save_is_invisible_until_waited_on_then_resumes_exactly(config):
     run = config.train.run_url
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     pending = checkpoint.save_async(run, 7, model, optimizer, config, {"samples_seen": 56})
     with torch.no_grad():  # training goes on: the checkpoint must hold the state at save time
@@ -113,7 +105,7 @@ def test_async_save_is_invisible_until_waited_on_then_resumes_exactly(config):
     url = pending.wait()
     assert [s for s, _ in checkpoint.committed_checkpoints(run)] == [7]
     assert checkpoint.read_meta(url)["samples_seen"] == 56
-    target, target_optimizer = _model_and_optimizer(3)
+    target, target_optimizer = model_and_optimizer(3)
     assert checkpoint.resume(run, target, target_optimizer).step == 7
     for name, tensor in target.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
@@ -130,12 +122,12 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(config, tmp_path):
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     marker = tmp_path / "payload-ran"
     optimizer.param_groups[0]["lr"] = _RunsCodeWhenUnpickled(str(marker))  # DCP pickles non-tensor leaves
     checkpoint.save(config.train.run_url, 1, model, optimizer, config, {})
     assert not marker.exists()
-    target, target_optimizer = _model_and_optimizer(3)
+    target, target_optimizer = model_and_optimizer(3)
     with pytest.raises(checkpoint.CheckpointRefused, match=r"step-000000001: leaf optim\.param_groups\.0\.lr"):
         checkpoint.resume(config.train.run_url, target, target_optimizer)
     assert not marker.exists()
@@ -146,14 +138,14 @@ def test_a_refused_checkpoint_is_not_skipped_for_an_older_one(config, tmp_path, 
     """Unlike a torn shard, tampering stops the resume: falling back would train on from a state the attacker
     chose (by tampering with every newer checkpoint)."""
     run = config.train.run_url
-    model, optimizer = _model_and_optimizer(0)
+    model, optimizer = model_and_optimizer(0)
     checkpoint.save(run, 2, model, optimizer, config, {})
     if tamper == "leaf":
         optimizer.param_groups[0]["lr"] = _RunsCodeWhenUnpickled(str(tmp_path / "payload-ran"))
     url4 = checkpoint.save(run, 4, model, optimizer, config, {})
     if tamper == "meta.json":
         storage.write_text(storage.join(url4, "meta.json"), '{"step": "4"}')
-    target, target_optimizer = _model_and_optimizer(3)
+    target, target_optimizer = model_and_optimizer(3)
     with pytest.raises(checkpoint.CheckpointRefused, match="step-000000004"):
         checkpoint.resume(run, target, target_optimizer)
     assert not (tmp_path / "payload-ran").exists()

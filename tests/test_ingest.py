@@ -11,16 +11,15 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-from corpora import MAX_PIXELS, jpeg, make_corpus
+from corpora import MAX_PIXELS, ingest_options, jpeg, make_corpus, stored_samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from streaming import StreamingDataset
 
 from pipelines.cli import main
 from trainer import storage
 from trainer.config import load_config
-from trainer.data.ingest import REASONS, IngestOptions, SkippedSample, ingest, judge
+from trainer.data.ingest import REASONS, SkippedSample, ingest, judge
 from trainer.data.loader import iter_eval_batches
 from trainer.data.sources import RawRecord
 
@@ -28,22 +27,10 @@ MAECLIP = str(Path(sys.executable).parent / "maeclip")
 FORMATS = ("webdataset", "parquet", "csv", "imagefolder")
 
 
-def _options(fmt: str, **changes) -> IngestOptions:
-    return IngestOptions(format=fmt, resize=32, max_pixels=MAX_PIXELS, **changes)
-
-
-def _stored(out: Path, split: str = "train") -> dict[str, dict]:
-    dataset = StreamingDataset(local=str(out / split), shuffle=False, batch_size=1)
-    samples = [dataset[i] for i in range(dataset.num_samples)]
-    keys = [s["key"] for s in samples]
-    assert len(keys) == len(set(keys)), "duplicate keys"
-    return {s["key"]: s for s in samples}
-
-
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_every_format_keeps_good_samples_and_counts_bad_ones_by_reason(fmt, tmp_path):
     expected = make_corpus(fmt, tmp_path / "src")
-    manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", _options(fmt))
+    manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", ingest_options(fmt))
     counts = manifest["counts"]
     assert counts["written"] == len(expected["good"])
     assert counts["read"] == counts["written"] + sum(counts["skipped"].values())
@@ -51,7 +38,7 @@ def test_every_format_keeps_good_samples_and_counts_bad_ones_by_reason(fmt, tmp_
     assert {k["key"]: k["reason"] for k in manifest["skipped_keys"]} == expected["bad"]
     assert sum(s["samples"] for s in manifest["shards"]) == counts["written"] == manifest["splits"]["train"]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
-    stored = _stored(tmp_path / "out")
+    stored = stored_samples(tmp_path / "out")
     assert {k: s["caption"] for k, s in stored.items()} == expected["good"]
     for sample in stored.values():
         with Image.open(io.BytesIO(sample["image"])) as image:
@@ -62,13 +49,13 @@ def test_every_format_keeps_good_samples_and_counts_bad_ones_by_reason(fmt, tmp_
 def test_on_error_fail_names_the_key_and_reason(tmp_path):
     make_corpus("parquet", tmp_path / "src")
     with pytest.raises(SkippedSample, match=r"part-0.parquet: sample 'bad-oversized' is oversized \(160x160\)"):
-        ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", _options("parquet"), on_error="fail")
+        ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", ingest_options("parquet"), on_error="fail")
 
 
 @given(caption=st.binary(max_size=24), with_image=st.booleans())
 @settings(max_examples=60, deadline=None)
 def test_judge_classifies_captions(caption, with_image):
-    sample, reason, _ = judge(RawRecord("k", jpeg(0) if with_image else None, caption), _options("csv"))
+    sample, reason, _ = judge(RawRecord("k", jpeg(0) if with_image else None, caption), ingest_options("csv"))
     if not with_image:
         assert reason == "unpaired"
         return
@@ -82,7 +69,7 @@ def test_judge_classifies_captions(caption, with_image):
 
 def test_small_jpeg_is_stored_byte_for_byte_and_large_one_resized(tmp_path):
     small, large = jpeg(1, (30, 20)), jpeg(2, (120, 64))
-    options = _options("csv")
+    options = ingest_options("csv")
     assert judge(RawRecord("a", small, b"x"), options)[0]["image"] == small
     with Image.open(io.BytesIO(judge(RawRecord("b", large, b"x"), options)[0]["image"])) as image:
         assert image.size == (60, 32)
@@ -92,15 +79,15 @@ def test_rerun_is_a_no_op_and_splits_add_up(tmp_path):
     make_corpus("webdataset", tmp_path / "src")
     make_corpus("csv", tmp_path / "eval-src", shards=1, per_shard=3)
     src, out = f"file://{tmp_path}/src", f"file://{tmp_path}/out"
-    first = ingest(src, out, _options("webdataset"))
+    first = ingest(src, out, ingest_options("webdataset"))
     done = tmp_path / "out" / "train" / "00000" / "done.json"
     stamp = done.stat().st_mtime_ns
-    assert ingest(src, out, _options("webdataset")) == first
+    assert ingest(src, out, ingest_options("webdataset")) == first
     assert done.stat().st_mtime_ns == stamp  # the committed shard was not rewritten
-    both = ingest(f"file://{tmp_path}/eval-src", out, _options("csv", split="eval"))
+    both = ingest(f"file://{tmp_path}/eval-src", out, ingest_options("csv", split="eval"))
     assert both["splits"] == {"eval": 3, "train": first["counts"]["written"]}
     assert both["counts"]["read"] == first["counts"]["read"] + 3 + 5
-    assert set(_stored(tmp_path / "out", "eval")) == {f"00000{i:04d}" for i in range(3)}
+    assert set(stored_samples(tmp_path / "out", "eval")) == {f"00000{i:04d}" for i in range(3)}
     config = load_config("tiny-clip", [f"data.url={out}"])
     assert len([k for b in iter_eval_batches(f"{out}/train", config, 4) for k in b["key"]]) == 12
 
@@ -109,7 +96,7 @@ def test_rerun_is_a_no_op_and_splits_add_up(tmp_path):
 def test_ingest_to_a_bucket_is_readable_by_the_loader(where, workers, tmp_path, request, unique):
     out = request.getfixturevalue({"gs": "gcs_emulator", "s3": "s3_server"}[where]) + f"/{unique}"
     expected = make_corpus("webdataset", tmp_path / "src")
-    ingest(f"file://{tmp_path}/src", out, _options("webdataset"), workers=workers)
+    ingest(f"file://{tmp_path}/src", out, ingest_options("webdataset"), workers=workers)
     manifest = json.loads(storage.read_text(f"{out}/manifest.json"))
     assert manifest["counts"]["written"] == 12
     assert {k["key"] for k in manifest["skipped_keys"]} == set(expected["bad"])
@@ -127,7 +114,7 @@ def _cli_ingest(src: Path, out: Path) -> subprocess.Popen:
 
 def test_killed_ingest_reruns_to_the_same_shards_without_duplicates(tmp_path):
     expected = make_corpus("webdataset", tmp_path / "src", shards=5, per_shard=400)
-    reference = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/clean", _options("webdataset"))
+    reference = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/clean", ingest_options("webdataset"))
     killed = _cli_ingest(tmp_path / "src", tmp_path / "out")
     first_done = tmp_path / "out" / "train" / "00000" / "done.json"
     deadline = time.monotonic() + 240
@@ -140,7 +127,7 @@ def test_killed_ingest_reruns_to_the_same_shards_without_duplicates(tmp_path):
     assert _cli_ingest(tmp_path / "src", tmp_path / "out").wait(300) == 0
     rerun = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert rerun["shards"] == reference["shards"] and rerun["counts"] == reference["counts"]
-    assert set(_stored(tmp_path / "out")) == set(expected["good"])
+    assert set(stored_samples(tmp_path / "out")) == set(expected["good"])
 
 
 def _cli_error(capsys, *args: str) -> str:
@@ -178,4 +165,4 @@ def test_pipeline_ingest_step_runs_the_cli_ingest_under_kfp_local(tmp_path):
     # the step keeps ingest's defaults, under which the 160 x 160 "oversized" image is an ordinary one
     bad = {key: reason for key, reason in expected["bad"].items() if reason != "oversized"}
     assert {k["key"]: k["reason"] for k in manifest["skipped_keys"]} == bad
-    assert set(_stored(tmp_path / "out")) == set(expected["good"]) | (expected["bad"].keys() - bad.keys())
+    assert set(stored_samples(tmp_path / "out")) == set(expected["good"]) | (expected["bad"].keys() - bad.keys())

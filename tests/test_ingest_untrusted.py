@@ -21,25 +21,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from corpora import MAX_PIXELS, jpeg, make_corpus
+from corpora import MAX_PIXELS, ingest_options, jpeg, make_corpus, stored_samples
 from PIL import Image
-from streaming import StreamingDataset
 
 from pipelines.cli import main
-from trainer.data.ingest import IngestIncomplete, IngestOptions, ingest
+from trainer.data.ingest import IngestIncomplete, ingest
 from trainer.data.loader import DataError
-
-
-def _options(fmt: str, **changes) -> IngestOptions:
-    return IngestOptions(format=fmt, resize=32, max_pixels=MAX_PIXELS, **changes)
-
-
-def _stored(out: Path, split: str = "train") -> dict[str, dict]:
-    dataset = StreamingDataset(local=str(out / split), shuffle=False, batch_size=1)
-    samples = [dataset[i] for i in range(dataset.num_samples)]
-    keys = [s["key"] for s in samples]
-    assert len(keys) == len(set(keys)), "duplicate keys"
-    return {s["key"]: s for s in samples}
 
 
 def _reasons(manifest: dict) -> dict[str, str]:
@@ -145,15 +132,15 @@ def _confinement_source(tmp: Path, fmt: str, port: int) -> tuple[dict[str, str],
 def test_table_cells_name_only_files_under_the_source_root_or_an_allowed_prefix(fmt, tmp_path, loopback_http):
     port, requests = loopback_http
     good, bad = _confinement_source(tmp_path, fmt, port)
-    options = _options(fmt, allowed_prefixes=(f"file://{tmp_path}/shared",))
+    options = ingest_options(fmt, allowed_prefixes=(f"file://{tmp_path}/shared",))
     manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", options)
     assert requests == []  # nothing was fetched, not even from loopback
-    assert {k: s["caption"] for k, s in _stored(tmp_path / "out").items()} == good
+    assert {k: s["caption"] for k, s in stored_samples(tmp_path / "out").items()} == good
     assert _reasons(manifest) == bad
     assert all(k["detail"] for k in manifest["skipped_keys"])
     assert manifest["counts"]["skipped"] == {"forbidden_path": len(bad)}
     # without the prefix, the same cell is forbidden like any other outside path
-    plain = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out-plain", _options(fmt))
+    plain = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out-plain", ingest_options(fmt))
     assert _reasons(plain) == {**bad, "good-allowed-prefix": "forbidden_path"}
     assert requests == []
 
@@ -166,8 +153,9 @@ def test_hugging_face_image_structs_prefer_bytes_and_confine_paths(tmp_path):
               {"bytes": None, "path": "images/in.jpg"}, {"bytes": None, "path": "/etc/passwd"}]
     pq.write_table(pa.table({"key": ["inline", "outside", "inside", "passwd"], "image": images,
                              "caption": ["one", "two", "three", "four"]}), tmp_path / "src" / "part-0.parquet")
-    manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", _options("parquet"))
-    assert {k: s["caption"] for k, s in _stored(tmp_path / "out").items()} == {"inline": "one", "inside": "three"}
+    manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", ingest_options("parquet"))
+    stored = stored_samples(tmp_path / "out")
+    assert {k: s["caption"] for k, s in stored.items()} == {"inline": "one", "inside": "three"}
     assert _reasons(manifest) == {"outside": "forbidden_path", "passwd": "forbidden_path"}
 
 
@@ -175,7 +163,8 @@ def test_allowed_prefixes_must_be_storage_folders(tmp_path):
     make_corpus("csv", tmp_path / "src", shards=1, per_shard=1)
     for prefix in ("http://127.0.0.1/", "file://relative/x", "file:///", "ftp://host/x"):
         with pytest.raises(DataError, match="--allow-prefix"):
-            ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", _options("csv", allowed_prefixes=(prefix,)))
+            ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out",
+                   ingest_options("csv", allowed_prefixes=(prefix,)))
     assert not (tmp_path / "out").exists()
 
 
@@ -196,14 +185,14 @@ def test_oversized_bombs_foreign_formats_and_control_characters_are_judged(tmp_p
                ("dup.jpg", jpeg(6)), ("dup.txt", b"second dup"),
                ("caf\udce9.jpg", jpeg(7)), ("caf\udce9.txt", b"a member name that is not UTF-8")]
     _tar(tmp_path / "src" / "00000.tar", members)
-    options = _options("webdataset", max_caption_bytes=100, max_image_bytes=4000)
+    options = ingest_options("webdataset", max_caption_bytes=100, max_image_bytes=4000)
     manifest = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", options)
     assert _reasons(manifest) == {"long-caption": "oversized", "big-image": "oversized", "png-bomb": "oversized",
                                   "png-large": "oversized", "gif": "undecodable", "eps": "undecodable",
                                   "dup": "duplicate_key", "caf\udce9": "non_utf8_key"}
     details = {k["key"]: k["detail"] for k in manifest["skipped_keys"]}
     assert "cannot identify" in details["eps"]  # PIL never tried its EPS plugin (nor Ghostscript)
-    stored = {k: s["caption"] for k, s in _stored(tmp_path / "out").items()}
+    stored = {k: s["caption"] for k, s in stored_samples(tmp_path / "out").items()}
     assert stored == {"ok": "fine", "controls": "a b c d [31m e f", "dup": "first dup", "other": "between"}
 
 
@@ -220,9 +209,9 @@ def test_csv_records_and_image_files_are_read_within_the_limits(tmp_path):
         handle.write("b,images/big.jpg,too big a file\n")
         handle.write(f"long,images/ok.jpg,{'w' * 200}\n")
         handle.write("c,images/ok.jpg,last\n")
-    options = _options("csv", max_caption_bytes=100, max_image_bytes=4000)
+    options = ingest_options("csv", max_caption_bytes=100, max_image_bytes=4000)
     manifest = ingest(f"file://{src}", f"file://{tmp_path}/out", options)
-    assert {k: s["caption"] for k, s in _stored(tmp_path / "out").items()} == {"a": "first", "c": "last"}
+    assert {k: s["caption"] for k, s in stored_samples(tmp_path / "out").items()} == {"a": "first", "c": "last"}
     assert _reasons(manifest) == {"part-0-00000001": "oversized", "part-0-00000002": "oversized",
                                   "b": "oversized", "long": "oversized"}
 
@@ -237,14 +226,14 @@ def _cut_at_member_boundary(data: bytes) -> bytes:
 def test_corrupt_shards_are_recorded_as_failed_and_a_rerun_completes_the_corpus(tmp_path, capsys):
     expected = make_corpus("webdataset", tmp_path / "src", shards=6, per_shard=3)
     src, out = tmp_path / "src", tmp_path / "out"
-    reference = ingest(f"file://{src}", f"file://{tmp_path}/clean", _options("webdataset"))
+    reference = ingest(f"file://{src}", f"file://{tmp_path}/clean", ingest_options("webdataset"))
     originals = {i: (src / f"0000{i}.tar").read_bytes() for i in (1, 2, 3, 5)}
     (src / "00001.tar").write_bytes(originals[1][: len(originals[1]) // 2 + 100])  # truncated mid-member
     (src / "00002.tar").write_bytes(random.Random(2).randbytes(20_000))  # not a tar at all
     (src / "00003.tar").write_bytes(gzip.compress(originals[3])[:-300])  # a truncated .tar.gz
     (src / "00005.tar").write_bytes(_cut_at_member_boundary(originals[5]))
     with pytest.raises(IngestIncomplete, match=r"4 of 6 input shards .* could not be read") as failure:
-        ingest(f"file://{src}", f"file://{out}", _options("webdataset"))
+        ingest(f"file://{src}", f"file://{out}", ingest_options("webdataset"))
     assert all(name in str(failure.value) for name in ("00001", "00002", "00003", "00005"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert [f["input"] for f in manifest["failed"]] == ["00001", "00002", "00003", "00005"]
@@ -252,7 +241,7 @@ def test_corrupt_shards_are_recorded_as_failed_and_a_rerun_completes_the_corpus(
     assert [i["input"] for i in manifest["inputs"]] == ["00000", "00004"]
     assert not (out / "train" / "00001").exists()
     good = {k for k in expected["good"] if k.startswith(("00000", "00004"))}
-    assert set(_stored(out)) == good and manifest["counts"]["written"] == len(good)
+    assert set(stored_samples(out)) == good and manifest["counts"]["written"] == len(good)
     assert _reasons(manifest) == expected["bad"]  # shard 0's bad samples are still counted
     # the CLI says the same in one error line (after its progress bars), with status 2
     capsys.readouterr()
@@ -265,11 +254,11 @@ def test_corrupt_shards_are_recorded_as_failed_and_a_rerun_completes_the_corpus(
     stamp = (out / "train" / "00000" / "done.json").stat().st_mtime_ns
     for i, data in originals.items():
         (src / f"0000{i}.tar").write_bytes(data)
-    rerun = ingest(f"file://{src}", f"file://{out}", _options("webdataset"))
+    rerun = ingest(f"file://{src}", f"file://{out}", ingest_options("webdataset"))
     assert "failed" not in rerun and "failed" not in json.loads((out / "manifest.json").read_text())
     assert (out / "train" / "00000" / "done.json").stat().st_mtime_ns == stamp  # only the failed ones redone
     assert rerun["shards"] == reference["shards"] and rerun["counts"] == reference["counts"]
-    assert set(_stored(out)) == set(expected["good"])
+    assert set(stored_samples(out)) == set(expected["good"])
 
 
 def _dup_source(root: Path) -> None:
@@ -285,11 +274,11 @@ def _dup_source(root: Path) -> None:
 @pytest.mark.parametrize("policy", ["skip", "suffix"])
 def test_duplicate_keys_follow_the_policy_whatever_the_workers(policy, tmp_path):
     _dup_source(tmp_path / "src")
-    options = _options("webdataset", duplicate_keys=policy)
+    options = ingest_options("webdataset", duplicate_keys=policy)
     one = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/one", options)
     two = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/two", options, workers=2)
     assert one["shards"] == two["shards"] and one["counts"] == two["counts"]
-    stored = {k: s["caption"] for k, s in _stored(tmp_path / "one").items()}
+    stored = {k: s["caption"] for k, s in stored_samples(tmp_path / "one").items()}
     first = {"a": "a of 00000 #0", "b": "b of 00000 #1", "c": "c of 00000 #2", "d": "d of 00001 #1",
              "x": "x of 00001 #2", "e": "e of 00002 #1"}
     if policy == "skip":
@@ -307,13 +296,13 @@ def test_duplicate_keys_follow_the_policy_whatever_the_workers(policy, tmp_path)
 
 def test_an_earlier_shard_read_on_rerun_takes_its_keys_back(tmp_path):
     _dup_source(tmp_path / "src")
-    options = _options("webdataset", duplicate_keys="suffix")
+    options = ingest_options("webdataset", duplicate_keys="suffix")
     reference = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/clean", options)
     good = (tmp_path / "src" / "00000.tar").read_bytes()
     (tmp_path / "src" / "00000.tar").write_bytes(good[:700])
     with pytest.raises(IngestIncomplete):
         ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", options)
-    assert "b" in _stored(tmp_path / "out")  # shard 00001 holds the first readable "b" for now
+    assert "b" in stored_samples(tmp_path / "out")  # shard 00001 holds the first readable "b" for now
     (tmp_path / "src" / "00000.tar").write_bytes(good)
     rerun = ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/out", options)
     assert rerun["shards"] == reference["shards"] and rerun["renamed_keys"] == reference["renamed_keys"]
@@ -375,7 +364,7 @@ def test_a_small_gzip_tar_holding_a_300_mib_caption_is_skipped_in_bounded_memory
 def test_split_names_are_checked_before_anything_is_written(split, tmp_path):
     make_corpus("csv", tmp_path / "src", shards=1, per_shard=1)
     with pytest.raises(DataError, match="--split"):
-        ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/a/b/out", _options("csv", split=split))
+        ingest(f"file://{tmp_path}/src", f"file://{tmp_path}/a/b/out", ingest_options("csv", split=split))
     assert not (tmp_path / "a").exists()
 
 

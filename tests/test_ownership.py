@@ -8,8 +8,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
+from small_models import model_and_optimizer
 
 import trainer.launch
 import trainer.train
@@ -25,18 +25,9 @@ from trainer.data.shapes import write_shapes
 METRIC = "eval/zeroshot/shapes-color/top1"
 
 
-def _tiny(seed: int = 0):
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-    model(torch.randn(3, 4)).sum().backward()
-    optimizer.step()
-    return model, optimizer
-
-
 def _save(run_url: str, step: int, *extra: str) -> str:
     config = load_config("tiny-clip", [f"train.run_url={run_url}", *extra])
-    model, optimizer = _tiny(step)
+    model, optimizer = model_and_optimizer(step)
     return checkpoint.save(run_url, step, model, optimizer, config, {"samples_seen": step})
 
 
@@ -53,14 +44,6 @@ def _write(root: Path, files: dict[str, bytes]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Run URLs.
-
-
-@pytest.fixture(params=["file", "gs", "s3"])
-def run_url(request, tmp_path, unique) -> str:
-    root = {"file": lambda: f"file://{tmp_path}",
-            "gs": lambda: request.getfixturevalue("gcs_emulator"),
-            "s3": lambda: request.getfixturevalue("s3_server")}[request.param]()
-    return f"{root}/{unique}/run"
 
 
 def test_claim_marks_an_empty_run_url_and_accepts_it_again(run_url):

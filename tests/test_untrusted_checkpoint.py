@@ -55,14 +55,6 @@ def corpus(tmp_path_factory) -> str:
     return url
 
 
-@pytest.fixture(params=["file", "gs", "s3"])
-def run_url(request, tmp_path, unique) -> str:
-    root = {"file": lambda: f"file://{tmp_path}",
-            "gs": lambda: request.getfixturevalue("gcs_emulator"),
-            "s3": lambda: request.getfixturevalue("s3_server")}[request.param]()
-    return f"{root}/{unique}/run"
-
-
 @pytest.fixture
 def marker(tmp_path):
     path = tmp_path / "payload-ran"

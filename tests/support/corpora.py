@@ -13,10 +13,14 @@ import os
 import random
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from streaming import StreamingDataset
+
+from trainer.data.ingest import IngestOptions
 
 MAX_PIXELS = 150 * 150  # the oversized sample is 160 x 160; good ones are at most 96 x 72
 
@@ -138,3 +142,17 @@ def _imagefolder(root: Path, shards: int, per_shard: int) -> dict[str, dict[str,
                         "class_0/huge": "oversized", "_/x": "empty_caption",
                         os.fsdecode(b"caf\xe9") + "/y": "non_utf8_caption"}
     return expected
+
+
+def ingest_options(fmt: str, **changes: Any) -> IngestOptions:
+    """Ingest options for these corpora: small images, and the pixel limit that makes one sample oversized."""
+    return IngestOptions(format=fmt, resize=32, max_pixels=MAX_PIXELS, **changes)
+
+
+def stored_samples(out: Path, split: str = "train") -> dict[str, dict]:
+    """Every sample an ingest wrote to ``out/split``, by key (asserting no key twice)."""
+    dataset = StreamingDataset(local=str(out / split), shuffle=False, batch_size=1)
+    samples = [dataset[i] for i in range(dataset.num_samples)]
+    keys = [s["key"] for s in samples]
+    assert len(keys) == len(set(keys)), "duplicate keys"
+    return {s["key"]: s for s in samples}

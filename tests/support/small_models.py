@@ -34,3 +34,13 @@ def make_tokens(batch: int, context: int, vocab: int, generator: torch.Generator
         tokens[row, 1:eot] = torch.randint(1, vocab - 2, (eot - 1,), generator=generator)
         tokens[row, eot] = vocab - 1
     return tokens
+
+
+def model_and_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A two-layer MLP and an AdamW that has taken one step, so its state holds moments: checkpoint material."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    return model, optimizer
