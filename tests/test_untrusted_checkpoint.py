@@ -15,10 +15,11 @@ import pytest
 import safetensors.torch
 import torch
 from small_models import make_tokens
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from pipelines import cli
 from trainer import checkpoint, storage
-from trainer.checkpoint import CheckpointRefused, parse_dcp_metadata
+from trainer.checkpoint import CheckpointRefused, parse_dcp_metadata, safe_storage_reader
 from trainer.config import load_config
 from trainer.data.shapes import write_shapes
 from trainer.models import build_model
@@ -85,7 +86,7 @@ def _save(run_url: str, step: int, *, corpus: str | None = None, extra: tuple[st
 def _tamper_metadata(url: str, payload: object) -> None:
     """Replace ``.metadata`` by our honest Metadata carrying ``payload`` inside it (planner_data is Any)."""
     metadata_url = storage.join(url, ".metadata")
-    metadata = pickle.loads(storage.read_bytes(metadata_url))  # our own save: trusted here
+    metadata = parse_dcp_metadata(storage.read_bytes(metadata_url), metadata_url)  # our own save
     metadata.planner_data = {"model.visual.cls_token": payload}
     storage.write_bytes(metadata_url, pickle.dumps(metadata))
 
@@ -163,7 +164,7 @@ def honest_metadata(tmp_path_factory) -> bytes:
 
 
 def _with(metadata_bytes: bytes, change) -> bytes:
-    metadata = pickle.loads(metadata_bytes)
+    metadata = parse_dcp_metadata(metadata_bytes, "honest/.metadata")
     change(metadata)
     return pickle.dumps(metadata)
 
@@ -191,8 +192,11 @@ def test_safe_reader_refuses_anything_but_dcp_metadata(honest_metadata, marker, 
         parse_dcp_metadata(make(honest_metadata, str(marker)), "x/.metadata")
 
 
-def test_safe_reader_reads_honest_metadata_as_pickle_does(honest_metadata):
-    assert parse_dcp_metadata(honest_metadata, "x/.metadata") == pickle.loads(honest_metadata)
+def test_safe_reader_reads_honest_metadata_as_dcp_does(honest_metadata, tmp_path):
+    (tmp_path / ".metadata").write_bytes(honest_metadata)  # DCP's own reader is the peer for an honest save
+    ours, theirs = safe_storage_reader(f"file://{tmp_path}"), FileSystemReader(str(tmp_path))
+    ours.load_id = theirs.load_id  # each reader stamps the metadata with its own load id
+    assert ours.read_metadata() == theirs.read_metadata()
 
 
 def test_oversized_metadata_is_refused_before_it_is_parsed(monkeypatch):

@@ -1,4 +1,4 @@
-"""``maeclip data ingest``: web-style corpora into MDS (design §1) at any storage URL, resumably.
+"""``maeclip data ingest``: web-style corpora into MDS (docs/contracts.md §1) at any storage URL, resumably.
 
 Each input shard (a tar, a table file, a class folder) becomes its own MDS sub-directory ``OUT/SPLIT/NAME/``,
 written through Streaming's uploader and committed by a ``done.json`` written last. A rerun skips committed
@@ -371,7 +371,7 @@ def _merge_split_index(out_url: str, split: str, records: list[dict[str, Any]]) 
 
 def build_manifest(records: list[dict[str, Any]], source: str,
                    failed: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    """The corpus manifest (design §1) from committed shard records: counts, skipped keys, shard hashes, and
+    """The corpus manifest (docs/contracts.md §1) from committed shard records: counts, skipped keys, shard hashes, and
     the input shards that could not be read (``failed``, only when there are any)."""
     skipped: Counter = Counter()
     for record in records:
