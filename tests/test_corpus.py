@@ -2,13 +2,12 @@
 (never over foreign data or each other), ``existing`` validates without writing, and the evaluation suite runs
 on a caption-only corpus, skipping the tasks whose labels it lacks."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from corpora import MAX_PIXELS, make_corpus
+from corpora import MAX_PIXELS, make_corpus, object_hashes
 
 import trainer.data.ingest as ingest_module
 import trainer.data.shapes as shapes_module
@@ -27,15 +26,6 @@ SIZES = {"n_train": 8, "n_eval": 4, "seed": 1}
 
 def _options(split: str = "train") -> IngestOptions:
     return IngestOptions(format="csv", split=split, resize=32, max_pixels=MAX_PIXELS)
-
-
-def _hashes(url: str) -> dict[str, str]:
-    """Every object under ``url``: its path below ``url`` and the SHA-256 of its bytes."""
-    fs, root = storage.filesystem(url)
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        return {}
-    return {path[len(root):]: hashlib.sha256(fs.cat_file(path)).hexdigest() for path in fs.find(root)}
 
 
 def _root(where: str, tmp_path: Path, request, unique: str) -> str:
@@ -64,22 +54,22 @@ def _every_shapes_writer_refuses(url: str, match: str) -> None:
 def test_shapes_never_write_over_an_ingested_corpus_or_foreign_files(where, tmp_path, request, unique):
     root = _root(where, tmp_path, request, unique)
     corpus = _ingested(tmp_path, f"{root}/ingested")
-    before = _hashes(corpus)
+    before = object_hashes(corpus)
     _every_shapes_writer_refuses(corpus, rf"{corpus} holds an ingested corpus \(ingest-v2\)")
-    assert _hashes(corpus) == before
+    assert object_hashes(corpus) == before
 
     foreign = f"{root}/foreign"
     storage.write_text(f"{foreign}/notes.txt", "someone else's")
     storage.write_bytes(f"{foreign}/train/part-0.bin", b"\x00precious")
-    before = _hashes(foreign)
+    before = object_hashes(foreign)
     _every_shapes_writer_refuses(foreign, rf"{foreign} is not empty and holds no maeclip corpus \(found 'notes.txt'")
-    assert _hashes(foreign) == before
+    assert object_hashes(foreign) == before
 
     other = f"{root}/other"
     storage.write_text(f"{other}/manifest.json", json.dumps({"generator": "someone-else-v3"}))
-    before = _hashes(other)
+    before = object_hashes(other)
     _every_shapes_writer_refuses(other, "a corpus of another writer .manifest.json generator 'someone-else-v3'.")
-    assert _hashes(other) == before
+    assert object_hashes(other) == before
 
 
 def test_the_cli_refuses_a_foreign_folder_with_one_line_and_status_2(tmp_path, capsys):
@@ -99,17 +89,17 @@ def test_shapes_write_an_empty_url_and_rewrite_only_their_own_corpus(tmp_path):
     check_corpus_target("shapes", url)  # a URL that does not exist yet is empty
     assert prepare_corpus("shapes", url, **SIZES) == url
     assert json.loads((tmp_path / "shapes" / MARKER).read_text()) == {"generator": "shapes-v1"}
-    first = _hashes(url)
+    first = object_hashes(url)
     assert sorted({p.split("/")[1] for p in first}) == [MARKER, "eval", "manifest.json", "train"]
     stamp = (tmp_path / "shapes" / "manifest.json").stat().st_mtime_ns
     assert ensure_shapes(url, **SIZES) == url  # the same corpus: nothing rewritten
-    assert _hashes(url) == first and (tmp_path / "shapes" / "manifest.json").stat().st_mtime_ns == stamp
+    assert object_hashes(url) == first and (tmp_path / "shapes" / "manifest.json").stat().st_mtime_ns == stamp
 
     ensure_shapes(url, n_train=6, n_eval=3, seed=2)  # another seed and size: its own corpus is rewritten
     reference = write_shapes(f"file://{tmp_path}/reference", n_train=6, n_eval=3, seed=2)
     manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert manifest == reference and manifest["splits"] == {"train": 6, "eval": 3}
-    assert _hashes(url) == _hashes(f"file://{tmp_path}/reference")
+    assert object_hashes(url) == object_hashes(f"file://{tmp_path}/reference")
 
 
 def test_a_killed_shapes_write_is_resumed(tmp_path, monkeypatch):
@@ -128,7 +118,7 @@ def test_a_killed_shapes_write_is_resumed(tmp_path, monkeypatch):
     assert (tmp_path / "shapes" / MARKER).exists() and not (tmp_path / "shapes" / "manifest.json").exists()
     assert ensure_shapes(url, **SIZES) == url
     write_shapes(f"file://{tmp_path}/reference", **SIZES)
-    assert _hashes(url) == _hashes(f"file://{tmp_path}/reference")
+    assert object_hashes(url) == object_hashes(f"file://{tmp_path}/reference")
 
 
 @pytest.mark.parametrize("where", ["file", "gs"])
@@ -141,12 +131,12 @@ def test_ingest_refuses_a_foreign_folder_and_the_shapes_corpus_writing_nothing(w
     write_shapes(shapes, **SIZES)
     for url, match in ((foreign, "is not empty and holds no maeclip corpus"),
                        (shapes, r"holds the synthetic shapes corpus \(shapes-v1\), which ingest-v2 never writes")):
-        before = _hashes(url)
+        before = object_hashes(url)
         with pytest.raises(CorpusInUse, match=match):
             ingest(f"file://{tmp_path}/src", url, _options())
         with pytest.raises(CorpusInUse, match=match):
             check_corpus_target("ingest", url)
-        assert _hashes(url) == before
+        assert object_hashes(url) == before
 
 
 def test_a_killed_ingest_is_resumed_as_ours(tmp_path, monkeypatch):
@@ -171,22 +161,22 @@ def test_a_killed_ingest_is_resumed_as_ours(tmp_path, monkeypatch):
 
 def test_existing_validates_an_ingested_corpus_and_writes_nothing(tmp_path):
     url = _ingested(tmp_path, f"file://{tmp_path}/corpus")
-    before = _hashes(url)
+    before = object_hashes(url)
     check_corpus_target("existing", url)
     assert prepare_corpus("existing", url) == url
     assert validate_corpus(url) == {"train": 12, "eval": 10}
-    assert _hashes(url) == before
+    assert object_hashes(url) == before
 
 
 def test_existing_names_what_is_missing(tmp_path):
     url = _ingested(tmp_path, f"file://{tmp_path}/corpus", with_eval=False)
-    before = _hashes(url)
+    before = object_hashes(url)
     no_eval = (rf"the corpus at {url} has no eval split \(evaluation needs one\): {url}/eval/index.json is missing; "
                rf"ingest one with `maeclip data ingest SRC --format FMT --out {url} --split eval`")
     for check in (lambda: prepare_corpus("existing", url), lambda: check_corpus_target("existing", url)):
         with pytest.raises(DataError, match=no_eval):
             check()
-    assert _hashes(url) == before
+    assert object_hashes(url) == before
     with pytest.raises(DataError, match=rf"no corpus at file://{tmp_path}/none: .*manifest.json is missing"):
         prepare_corpus("existing", f"file://{tmp_path}/none")
     with pytest.raises(DataError, match="unknown corpus kind 'found'"):
@@ -201,11 +191,11 @@ def test_prepare_ingest_takes_the_splits_from_the_source_layout_and_reruns_idemp
               "max_pixels": MAX_PIXELS}
     assert prepare_corpus("ingest", url, **kwargs) == url
     assert validate_corpus(url) == {"train": 6, "eval": 3}
-    first = _hashes(url)
+    first = object_hashes(url)
     done = tmp_path / "corpus" / "train" / "part-0" / "done.json"
     stamp = done.stat().st_mtime_ns
     assert prepare_corpus("ingest", url, **kwargs) == url
-    assert done.stat().st_mtime_ns == stamp and _hashes(url) == first
+    assert done.stat().st_mtime_ns == stamp and object_hashes(url) == first
 
     make_corpus("csv", tmp_path / "flat", shards=1, per_shard=4)  # no eval anywhere: train kept, then refused
     flat = f"file://{tmp_path}/flat-corpus"

@@ -6,14 +6,13 @@ before any pipeline step starts, leaving the corpus as it was.
 The ingested corpora are built once per module; each pipeline runs once (a single 2-step segment).
 """
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from corpora import MAX_PIXELS, make_corpus
+from corpora import MAX_PIXELS, make_corpus, object_hashes
 
 from pipelines.cli import main
 from pipelines.runner import run_local_pipeline
@@ -32,15 +31,6 @@ def _tiny(cache: Path) -> list[str]:
             "optim.warmup_steps=1", f"data.cache_dir={cache}"]
 
 
-def _hashes(url: str) -> dict[str, str]:
-    """Every object under ``url``: its path below ``url`` and the SHA-256 of its bytes."""
-    fs, root = storage.filesystem(url)
-    fs.invalidate_cache()
-    if not fs.exists(root):
-        return {}
-    return {path[len(root):]: hashlib.sha256(fs.cat_file(path)).hexdigest() for path in fs.find(root)}
-
-
 def _ingest(src: Path, out: str, *, with_eval: bool = True) -> str:
     """A caption-only corpus at ``out``: ``TRAIN_SAMPLES`` good train samples, ``EVAL_SAMPLES`` eval ones (plus
     the bad samples ingest skips)."""
@@ -57,7 +47,7 @@ def _ingest(src: Path, out: str, *, with_eval: bool = True) -> str:
 def gs_corpus(gcs_emulator, tmp_path_factory) -> dict:
     """An ingested corpus in the emulated bucket and the hashes of all its objects, taken right after ingest."""
     url = _ingest(tmp_path_factory.mktemp("gs-src"), f"{gcs_emulator}/{uuid.uuid4().hex[:10]}/corpus")
-    hashes = _hashes(url)
+    hashes = object_hashes(url)
     assert {"/manifest.json", "/train/index.json", "/eval/index.json"} <= set(hashes)
     return {"url": url, "hashes": hashes}
 
@@ -92,7 +82,7 @@ def test_train_eval_trains_on_an_existing_gs_corpus_and_leaves_it_byte_identical
         tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", nproc_per_node=1, gate_policy=POLICY, model_name="tiny")
     _trained_on(f"file://{tmp_path}/run", gs_corpus["url"])
     assert json.loads(record)["registered"] is None
-    assert _hashes(gs_corpus["url"]) == gs_corpus["hashes"]
+    assert object_hashes(gs_corpus["url"]) == gs_corpus["hashes"]
 
 
 def test_a_study_trains_on_an_existing_gs_corpus_and_leaves_it_byte_identical(gs_corpus, tmp_path):
@@ -105,7 +95,7 @@ def test_a_study_trains_on_an_existing_gs_corpus_and_leaves_it_byte_identical(gs
         study_name="gs-study", nproc_per_node=1)
     (planned,) = variants
     _trained_on(planned["run_url"], gs_corpus["url"])
-    assert _hashes(gs_corpus["url"]) == gs_corpus["hashes"]
+    assert object_hashes(gs_corpus["url"]) == gs_corpus["hashes"]
 
 
 def _refused(argv: list[str], tmp_path: Path, monkeypatch, capsys) -> str:
@@ -125,18 +115,18 @@ def _refused(argv: list[str], tmp_path: Path, monkeypatch, capsys) -> str:
 def test_shapes_on_an_ingested_corpus_is_refused_before_any_step(pipeline, file_corpora, tmp_path, monkeypatch,
                                                                  capsys):
     url = file_corpora["whole"]
-    before = _hashes(url)
+    before = object_hashes(url)
     line = _refused(["--pipeline", pipeline, "--corpus", "shapes", "--data-url", url], tmp_path, monkeypatch, capsys)
     assert f"{url} holds an ingested corpus" in line, line
-    assert _hashes(url) == before
+    assert object_hashes(url) == before
 
 
 @pytest.mark.parametrize("pipeline", ["train_eval", "study"])
 def test_existing_without_an_eval_split_is_refused_before_any_step(pipeline, file_corpora, tmp_path, monkeypatch,
                                                                    capsys):
     url = file_corpora["no_eval"]
-    before = _hashes(url)
+    before = object_hashes(url)
     line = _refused(["--pipeline", pipeline, "--corpus", "existing", "--data-url", url], tmp_path, monkeypatch,
                     capsys)
     assert f"the corpus at {url} has no eval split" in line and f"{url}/eval/index.json is missing" in line, line
-    assert _hashes(url) == before
+    assert object_hashes(url) == before

@@ -7,6 +7,7 @@ must find: ``{"good": {key: caption}, "bad": {key: reason}}``. Ingest it with ``
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from streaming import StreamingDataset
 
+from trainer import storage
 from trainer.data.ingest import IngestOptions
 
 MAX_PIXELS = 150 * 150  # the oversized sample is 160 x 160; good ones are at most 96 x 72
@@ -156,3 +158,12 @@ def stored_samples(out: Path, split: str = "train") -> dict[str, dict]:
     keys = [s["key"] for s in samples]
     assert len(keys) == len(set(keys)), "duplicate keys"
     return {s["key"]: s for s in samples}
+
+
+def object_hashes(url: str) -> dict[str, str]:
+    """Every object under ``url`` (any storage): its path below ``url`` and the SHA-256 of its bytes."""
+    fs, root = storage.filesystem(url)
+    fs.invalidate_cache()
+    if not fs.exists(root):
+        return {}
+    return {path[len(root):]: hashlib.sha256(fs.cat_file(path)).hexdigest() for path in fs.find(root)}
