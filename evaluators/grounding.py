@@ -12,7 +12,8 @@ Three maps per image, each a (grid × grid) score over the patches:
 
 Scores, against the mask of the object the text names: the pointing game (Zhang et al. 2016: a hit when the
 map's maximum falls on the object) and mask IoU after min-max normalising the map and thresholding at 0.5.
-Maps are upsampled bilinearly to the mask's resolution first.
+Maps are upsampled bilinearly to the mask's resolution first. ``Grounding`` scores up to ``grounding_samples``
+images of a split that have colour and shape labels and a primary-object mask or box.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from evaluators.features import device_of, image_tokens, vision_tower
+from evaluators.protocol import Batch, Context, Outcome, Source
+from trainer.data.tokenizer import tokenize
 from trainer.models.pooling import AttentionPool
 
 METHODS = ("patch-text", "gradcam", "map-attention")
@@ -176,3 +179,55 @@ def overlay_grid(
             blend = 0.5 * picture / 255 + 0.5 * _heat(heat)
             grid.paste(Image.fromarray((blend * 255).astype(np.uint8)), (column * size, top + 12))
     return grid
+
+
+class Grounding:
+    """``eval/grounding/<map>/{pointing_game,mask_iou}`` and an overlay of the first rows' maps."""
+
+    name = "grounding"
+    needs_text = True
+
+    def __init__(self, context: Context, source: Source) -> None:
+        self.context, self.source = context, source
+        self.scores: dict[str, list[torch.Tensor]] = {}
+        self.overlay: dict[str, Any] = {}
+        self.grounded = 0
+
+    def reads(self) -> dict[str, tuple[Source, int | None]]:
+        return {"test": (self.source, None)}
+
+    def collect(self, role: str, batch: Batch) -> None:
+        options, size = self.context.options, self.context.config.model.image_size
+        rows = [i for i, m in enumerate(batch.metas) if {"color", "shape"} <= set(m.get("labels", {}))]
+        rows = rows[: options.grounding_samples - self.grounded]
+        masks = [primary_mask(batch.metas[i], size) for i in rows]
+        rows = [i for i, mask in zip(rows, masks, strict=True) if mask is not None]
+        if not rows:
+            return
+        masks_t = torch.stack([m for m in masks if m is not None])
+        prompts = [primary_prompt(batch.metas[i]) for i in rows]
+        model, context_length = self.context.model, self.context.config.model.context_length
+        with torch.no_grad():
+            text = model.encode_text(tokenize(prompts, context_length).to(self.context.device))
+        images = batch.images[rows]
+        maps = relevance_maps(model, images, text)
+        for name, values in maps.items():
+            for score, scorer in (("pointing_game", pointing_game), ("mask_iou", mask_iou)):
+                self.scores.setdefault(f"{name}/{score}", []).append(scorer(values, masks_t))
+        if not self.overlay:
+            keep = slice(0, options.overlay_rows)
+            self.overlay = {"images": self.context.unnormalise(images[keep]).cpu(), "masks": masks_t[keep],
+                            "maps": {k: v[keep] for k, v in maps.items()}, "captions": prompts[keep]}
+        self.grounded += len(rows)
+
+    def finish(self) -> Outcome:
+        outcome = Outcome()
+        if not self.grounded:
+            outcome.skip(self.name, f"skipping: the {self.source.split} split has no 'color' and 'shape' labels "
+                                    "with object masks or boxes")
+            return outcome
+        outcome.metrics = {f"eval/grounding/{name}": torch.cat(values).mean().item()
+                           for name, values in self.scores.items()}
+        shown = self.overlay
+        outcome.overlay = overlay_grid(shown["images"], shown["maps"], shown["masks"], shown["captions"])
+        return outcome

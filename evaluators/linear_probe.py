@@ -5,7 +5,8 @@ features, its L2 strength chosen by a sweep on a validation split held out of th
 train + validation and scored once on the test split. We fit in torch rather than scikit-learn so the probe
 runs where the features are (GPU or CPU) and depends on nothing else. Features are standardised with the
 training split's mean and std so one weight-decay grid suits towers of any width. k-shot probes keep the
-first k training examples of each class (deterministic, so runs compare).
+first k training examples of each class (deterministic, so runs compare). ``LinearProbe`` probes one eval set's
+tasks: features of its train split (up to a sample limit) and of its test split, for each pooling asked for.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluators.heads import single_thread
+from evaluators.protocol import Batch, Context, Outcome, Source, absent
 from evaluators.zeroshot import SHAPES_TASKS
 
 # Log-spaced L2 strengths, as CLIP's sweep is log-spaced (it searches C = 1/λ over 1e-6…1e6, appendix A.3).
@@ -116,11 +118,12 @@ def linear_probe(
 
 @dataclass(frozen=True)
 class ProbeTask:
-    """One probe task: the meta label it predicts and its VTAB group (natural/specialized/structured)."""
+    """One probe task: the meta label it predicts and its VTAB group (natural/specialized/structured; "" for
+    none)."""
 
     name: str
     label_key: str
-    group: str
+    group: str = ""
 
 
 def load_probe_tasks(path: Path = SHAPES_TASKS) -> list[ProbeTask]:
@@ -144,15 +147,14 @@ def score_probe_tasks(
     trained_pool: str,
     k_shots: Sequence[int] = (),
 ) -> dict[str, float]:
-    """Probe every task on every pooling's features; k-shot probes and group means on the trained pooling.
+    """Probe every task on every pooling's features; k-shot probes on the trained pooling.
 
     Names: ``eval/linear/<task>/{top1,weight_decay,top1_<k>shot}`` for the pooling the model was trained with,
-    ``eval/linear-<pool>/<task>/top1`` for the diagnostic poolings, ``eval/linear/group-<group>/top1`` for the
-    mean over a group's tasks. Samples without a label for a task (a one-object scene has no relation) are
-    left out of that task; a task with fewer than two classes in training is skipped.
+    ``eval/linear-<pool>/<task>/top1`` for the diagnostic poolings. Samples without a label for a task (a
+    one-object scene has no relation) are left out of that task; a task with fewer than two classes in training
+    is skipped.
     """
     metrics: dict[str, float] = {}
-    groups: dict[str, list[float]] = {}
     for task in tasks:
         names = {v for v in train_labels[task.label_key] if v is not None}
         classes = {c: i for i, c in enumerate(sorted(names, key=str))}
@@ -167,7 +169,6 @@ def score_probe_tasks(
             metrics[f"{prefix}/{task.name}/top1"] = found["top1"]
             if pool == trained_pool:
                 metrics[f"{prefix}/{task.name}/weight_decay"] = found["weight_decay"]
-                groups.setdefault(task.group, []).append(found["top1"])
         # k-shot probes reuse the full probe's weight decay: a 1-shot split has nothing to hold out.
         decay = (metrics[f"eval/linear/{task.name}/weight_decay"],)
         for k in k_shots:
@@ -176,6 +177,63 @@ def score_probe_tasks(
                                  test_features[trained_pool][test_rows], test_y, len(classes),
                                  weight_decays=decay)
             metrics[f"eval/linear/{task.name}/top1_{k}shot"] = found["top1"]
-    for group, values in groups.items():
-        metrics[f"eval/linear/group-{group}/top1"] = sum(values) / len(values)
     return metrics
+
+
+def group_means(grouped: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """VTAB's summary: ``eval/linear/group-<group>/top1``, the mean of each group's task accuracies, and
+    ``eval/linear/groups/top1``, the mean over groups (so a group of many tasks weighs as much as one of few)."""
+    groups: dict[str, list[float]] = {}
+    for group, value in grouped:
+        groups.setdefault(group, []).append(value)
+    means = {group: sum(values) / len(values) for group, values in groups.items()}
+    metrics = {f"eval/linear/group-{group}/top1": mean for group, mean in means.items()}
+    if means:
+        metrics["eval/linear/groups/top1"] = sum(means.values()) / len(means)
+    return metrics
+
+
+class LinearProbe:
+    """Linear (and k-shot) probes of one eval set's tasks on the tower's ``pools`` (the trained pooling first).
+
+    Features of up to ``train_limit`` training samples fit each probe; every test sample scores it. A task whose
+    labels the test split lacks entirely is skipped, with a line saying so.
+    """
+
+    name = "linear"
+    needs_text = False
+
+    def __init__(self, context: Context, train: Source, test: Source, tasks: Sequence[ProbeTask],
+                 pools: Sequence[str], train_limit: int | None, k_shots: Sequence[int]) -> None:
+        self.context, self.train, self.test = context, train, test
+        self.tasks, self.pools, self.train_limit, self.k_shots = tuple(tasks), tuple(pools), train_limit, k_shots
+        self.features: dict[str, dict[str, list[torch.Tensor]]] = {r: {p: [] for p in pools} for r in ("train", "test")}
+        self.labels: dict[str, dict[str, list[Any]]] = {
+            r: {t.label_key: [] for t in self.tasks} for r in ("train", "test")}
+
+    def reads(self) -> dict[str, tuple[Source, int | None]]:
+        return {"train": (self.train, self.train_limit), "test": (self.test, None)}
+
+    def collect(self, role: str, batch: Batch) -> None:
+        for pool, found in self.features[role].items():
+            found.append(batch.pooled(pool))
+        for key, found in self.labels[role].items():
+            found.extend(batch.labels(key))
+
+    def finish(self) -> Outcome:
+        outcome = Outcome()
+        tasks = []
+        for task in self.tasks:
+            labels = self.labels["test"][task.label_key]
+            if all(label is None for label in labels):  # some missing is normal: one object has no relation
+                outcome.skip(self.name, f"skipping {task.name}: the {self.test.split} split has "
+                                        f"{absent(task.label_key, labels)}")
+            else:
+                tasks.append(task)
+        train = {pool: torch.cat(found) for pool, found in self.features["train"].items()}
+        test = {pool: torch.cat(found) for pool, found in self.features["test"].items()}
+        outcome.metrics = score_probe_tasks(train, self.labels["train"], test, self.labels["test"], tasks,
+                                            self.pools[0], self.k_shots)
+        outcome.grouped = [(task.group, outcome.metrics[f"eval/linear/{task.name}/top1"]) for task in tasks
+                           if task.group and f"eval/linear/{task.name}/top1" in outcome.metrics]
+        return outcome

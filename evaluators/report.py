@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,10 @@ def read_metrics(checkpoint_url: str) -> dict[str, Any]:
     return json.loads(storage.read_text(url)) if storage.exists(url) else {"metrics": {}}
 
 
-def write_metrics(checkpoint_url: str, meta: dict[str, Any], metrics: dict[str, float], suite: str) -> None:
-    """Merge ``metrics`` into ``metrics.json``, recording the step, samples seen and which suites ran.
+def write_metrics(checkpoint_url: str, meta: dict[str, Any], metrics: dict[str, float], suites: Sequence[str]
+                  ) -> None:
+    """Merge ``metrics`` into ``metrics.json``, recording the step, samples seen and which suites (and task files,
+    as ``tasks:<name>``) ran.
 
     Only into a committed checkpoint (FileNotFoundError otherwise): a folder without ``COMMITTED`` is not one
     maeclip wrote, or not yet, and its files are not ours to overwrite (docs/contracts.md §8).
@@ -38,7 +41,7 @@ def write_metrics(checkpoint_url: str, meta: dict[str, Any], metrics: dict[str, 
     report = read_metrics(checkpoint_url)
     report.update(step=int(meta["step"]), samples_seen=meta.get("samples_seen"))
     report["metrics"] = {**report.get("metrics", {}), **metrics}
-    report["suites"] = sorted({*report.get("suites", []), suite})
+    report["suites"] = sorted({*report.get("suites", []), *suites})
     storage.write_text(storage.join(checkpoint_url, "metrics.json"), json.dumps(report, indent=1))
 
 

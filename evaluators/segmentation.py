@@ -9,7 +9,8 @@ tower; the tower's pooling plays no part, so every objective of the family gets 
 
 mIoU is the mean over classes of intersection / union, accumulated over the whole split (a confusion matrix),
 over the classes that occur in the truth or the predictions. The majority baseline predicts the most frequent
-training class (background) at every pixel.
+training class (background) at every pixel. ``SegmentationProbe`` fits on the first ``dense_samples`` images of
+the shapes corpus' train split that have a label map and scores the first ``dense_samples`` of its eval split.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from evaluators.heads import DEFAULT_BUDGET, Budget, seeded, train_head
+from evaluators.protocol import Batch, Context, DenseProbe, Outcome, Source
 from trainer.data.shapes import COLORS, SHAPES, decode_mask
 
 CLASSES = ("background", *SHAPES)
@@ -156,3 +158,40 @@ def overlay_grid(images: torch.Tensor, truth: torch.Tensor, predicted: torch.Ten
             shown = picture if classes is None else 0.4 * picture + 0.6 * PALETTE[classes.long().numpy()] / 255
             grid.paste(Image.fromarray((shown * 255).astype(np.uint8)), (column * size, 12 + row * size))
     return grid
+
+
+class SegmentationProbe(DenseProbe):
+    """``eval/seg/...`` (mIoU beside the majority baseline) and an overlay of the first eval images."""
+
+    name = "seg"
+
+    def __init__(self, context: Context, train: Source, test: Source) -> None:
+        super().__init__(context, train, test)
+        self.masks: dict[str, list[torch.Tensor | None]] = {"train": [], "test": []}
+
+    def collect(self, role: str, batch: Batch) -> None:
+        view = self.dense[role].take(batch)
+        if view is not None:
+            self.masks[role] += [class_mask(m, self.context.config.model.image_size) for m in view.metas]
+
+    def _with_masks(self, role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [i for i, mask in enumerate(self.masks[role]) if mask is not None]
+        if not rows:
+            return torch.empty(0), torch.empty(0)
+        patches = torch.cat(self.dense[role].tokens)[rows, 1:]
+        return patches, torch.stack([self.masks[role][i] for i in rows])
+
+    def finish(self) -> Outcome:
+        outcome = Outcome()
+        train_patches, train_masks = self._with_masks("train")
+        test_patches, test_masks = self._with_masks("test")
+        if not len(train_masks) or not len(test_masks):
+            outcome.skip(self.name, "skipping: the corpus has no object masks")
+            return outcome
+        options = self.context.options
+        outcome.metrics, predicted = evaluate_segmentation(train_patches, train_masks, test_patches, test_masks,
+                                                           options.head_budget, options.progress_every * 10)
+        shown = [i for i, mask in enumerate(self.masks["test"][: options.overlay_rows]) if mask is not None]
+        pictures = torch.cat(self.dense["test"].pictures)
+        outcome.overlay = overlay_grid(pictures[shown], test_masks[: len(shown)], predicted[: len(shown)])
+        return outcome

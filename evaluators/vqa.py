@@ -16,12 +16,15 @@ standard soft accuracy min(#humans who gave the answer / 3, 1) (Antol et al. 201
 averages over the ten leave-one-out subsets of annotators, which we do not). Answers are compared after
 ``normalize_answer`` (lower case, surrounding space and a final full stop removed). Beside each type's
 accuracy we report the majority baseline: the most frequent training answer of that type, always given.
+``VqaProbe`` asks the generated questions (``evaluators.questions``) about the first ``dense_samples`` images of
+the shapes corpus' train and eval splits.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,8 +36,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
+from evaluators.features import kept, pooled
 from evaluators.heads import DEFAULT_BUDGET, Budget, seeded, train_head
+from evaluators.protocol import Batch, Context, DenseProbe, Outcome, Source
 from evaluators.questions import Question, scene_questions
+from trainer.data.tokenizer import tokenize
 
 FUSIONS = ("cross-attention", "pooled-mlp")
 PAD, UNKNOWN = 0, 1
@@ -273,3 +279,58 @@ def overlay_grid(images: torch.Tensor, rows: Sequence[Sequence[tuple[Question, s
             right = normalize_answer(guess) == normalize_answer(question.answer)
             _palette_text(draw, (size + 4, top + n * line), f"{question.text} {guess} ({question.answer})", right)
     return grid
+
+
+class VqaProbe(DenseProbe):
+    """``eval/vqa/...`` (accuracy and majority baseline per question type) and an overlay of the first eval
+    images' questions with the head's answers."""
+
+    name = "vqa"
+
+    def __init__(self, context: Context, train: Source, test: Source) -> None:
+        super().__init__(context, train, test)
+        self.questions: dict[str, list[Question]] = {"train": [], "test": []}
+        self.image: dict[str, list[int]] = {"train": [], "test": []}
+        self.embeddings: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
+
+    def collect(self, role: str, batch: Batch) -> None:
+        first = self.dense[role].count
+        view = self.dense[role].take(batch)
+        if view is None:
+            return
+        questions, rows = shapes_questions(view.keys, view.metas, first, self.context.options.head_budget.seed)
+        self.questions[role] += questions
+        self.image[role] += rows
+        if self.context.has_text and questions:
+            ids = tokenize([q.text for q in questions], self.context.config.model.context_length)
+            self.embeddings[role].append(kept(self.context.model.encode_text(ids.to(self.context.device))))
+
+    def _set(self, role: str) -> VqaSet:
+        tokens = torch.cat(self.dense[role].tokens)
+        if self.context.options.vqa_fusion == "pooled-mlp":
+            tower = self.context.tower
+            tokens = torch.cat([pooled(tower, part.float().to(self.context.device), tower.pool).cpu()
+                                for part in tokens.split(256)])
+        questions, embeddings = self.questions[role], self.embeddings[role]
+        return VqaSet(tokens, torch.tensor(self.image[role]), [q.text for q in questions],
+                      [(q.answer,) for q in questions], [q.qtype for q in questions],
+                      torch.cat(embeddings) if embeddings else None)
+
+    def finish(self) -> Outcome:
+        outcome = Outcome()
+        if not self.questions["test"] or not self.questions["train"]:
+            outcome.skip(self.name, "skipping: the corpus has no scene objects to ask about")
+            return outcome
+        if not self.context.has_text:
+            print("[eval] vqa: no text tower: questions are encoded by a learned bag of words", file=sys.stderr,
+                  flush=True)
+        options = self.context.options
+        outcome.metrics, predicted = evaluate_vqa(self._set("train"), self._set("test"), options.vqa_fusion,
+                                                  options.head_budget, options.progress_every * 10)
+        pictures = torch.cat(self.dense["test"].pictures)
+        rows: list[list[tuple[Question, str]]] = [[] for _ in range(len(pictures))]
+        for question, image, guess in zip(self.questions["test"], self.image["test"], predicted, strict=True):
+            if image < len(rows):
+                rows[image].append((question, guess))
+        outcome.overlay = overlay_grid(pictures, rows)
+        return outcome

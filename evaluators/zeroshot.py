@@ -1,15 +1,16 @@
 """Zero-shot classification of a checkpoint's image features against prompt-built text classifiers.
 
-CLIP's protocol (Radford et al. 2021, §3.1.4; open_clip ``zero_shot_classifier``): each class is the
-renormalised mean of its L2-normalised prompt embeddings, and an image's prediction is the class of highest
-cosine similarity. Tasks (class names, the label they score, templates) are data in ``assets/``. A checkpoint
-is scored by streaming its corpus' eval split once, so every task reuses the same image features.
+CLIP's protocol (Radford et al. 2021, §3.1.4; open_clip ``zero_shot_classifier``; clip_benchmark's
+``zeroshot_classification``): each class is the renormalised mean of its L2-normalised prompt embeddings, and an
+image's prediction is the class of highest cosine similarity. Tasks (class names, the label they score,
+templates) are data: the shapes tasks in ``assets/shapes.json``, the others from task files
+(``evaluators.tasks``). ``ZeroShot`` scores every task of one split from the split's image embeddings, kept
+once for all of them.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluators import report
-from evaluators.features import kept
-from trainer import storage
-from trainer.checkpoint import load_for_eval
-from trainer.data.eval_sets import classnames
-from trainer.data.loader import iter_eval_batches
+from evaluators.features import device_of
+from evaluators.protocol import Batch, Context, Outcome, Source, absent
 from trainer.data.tokenizer import tokenize
-from trainer.models import build_model
-from trainer.tracking import default_tracking_uri
 
 SHAPES_TASKS = Path(__file__).parent / "assets" / "shapes.json"
-# For users who have ImageNet as an ImageFolder or clip_benchmark set (trainer.data.eval_sets).
+# OpenAI's ImageNet-1k names and templates, and the wnids that order ImageNet folders (evaluators.tasks).
 IMAGENET_TASKS = Path(__file__).parent / "assets" / "imagenet1k.json"
 
 
@@ -52,19 +47,6 @@ def load_tasks(path: Path = SHAPES_TASKS) -> list[Task]:
     ]
 
 
-def eval_set_task(url: str, name: str, templates: Sequence[str]) -> Task:
-    """A task over an ImageFolder or clip_benchmark eval set's own class names, scored by its integer labels.
-
-    With ImageNet stored as either, ``load_tasks(IMAGENET_TASKS)`` gives OpenAI's curated names instead of
-    the folders' wnids.
-    """
-    return Task(name, "label", tuple(classnames(url)), tuple(templates))
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 @torch.no_grad()
 def zero_shot_classifier(
     model: nn.Module, classnames: Sequence[str], templates: Sequence[str], context_length: int
@@ -74,10 +56,10 @@ def zero_shot_classifier(
     Averaging over several templates ("prompt ensembling") is what CLIP reports as worth several points of
     ImageNet accuracy (Radford et al. 2021, §3.1.4); open_clip's ``build_zero_shot_classifier`` does the same.
     """
-    device = _device(model)
+    device = device_of(model)
     rows = []
     for name in classnames:
-        tokens = tokenize([template.format(name) for template in templates], context_length).to(device)
+        tokens = tokenize([fill(template, name) for template in templates], context_length).to(device)
         prompts = F.normalize(model.encode_text(tokens).float(), dim=-1)
         rows.append(F.normalize(prompts.mean(dim=0), dim=-1))
     return torch.stack(rows)
@@ -97,12 +79,13 @@ def zero_shot_accuracy(
     return {f"top{k}": hits[:, :k].any(dim=1).float().mean().item() for k in topk}
 
 
-def _label_indices(task: Task, metas: Iterable[dict[str, Any]]) -> list[int]:
+def label_indices(task: Task, labels: Iterable[Any]) -> list[int]:
+    """Each label as an index into the task's classes: class indices as they are (ImageFolder, webdataset
+    ``cls``), class names by position (the shapes corpus)."""
     indices = []
-    for meta in metas:
-        label = meta["labels"][task.label_key]
+    for label in labels:
         if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(task.classnames):
-            indices.append(label)  # eval sets of class indices (ImageFolder, clip_benchmark)
+            indices.append(label)
             continue
         if label not in task.classnames:
             classes = list(task.classnames)
@@ -111,71 +94,55 @@ def _label_indices(task: Task, metas: Iterable[dict[str, Any]]) -> list[int]:
     return indices
 
 
-@torch.no_grad()
-def _encode_split(
-    model: nn.Module, batches: Iterable[dict[str, Any]], tasks: Sequence[Task], progress_every: int
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Image features of the whole split (on CPU) and, per task, the label index of every image."""
-    device = _device(model)
-    features: list[torch.Tensor] = []
-    labels: dict[str, list[int]] = {task.name: [] for task in tasks}
-    seen = 0
-    for number, batch in enumerate(batches, start=1):
-        features.append(kept(model.encode_image(batch["image"].to(device))))
-        for task in tasks:
-            labels[task.name].extend(_label_indices(task, batch["meta"]))
-        seen += len(batch["meta"])
-        if number % progress_every == 0:
-            print(f"[eval] zeroshot: {number} batches, {seen} images", file=sys.stderr, flush=True)
-    if not features:
-        raise ValueError("the eval split holds no samples")
-    return torch.cat(features), {name: torch.tensor(found) for name, found in labels.items()}
+def fill(template: str, classname: str) -> str:
+    """A prompt: ours write the class as ``{}``, clip_benchmark's template files as ``{c}``."""
+    return template.format(classname, c=classname)
 
 
-def score_tasks(
-    model: nn.Module,
-    batches: Iterable[dict[str, Any]],
-    tasks: Sequence[Task],
-    context_length: int,
-    *,
-    progress_every: int = 10,
-) -> dict[str, float]:
-    """``eval/zeroshot/<task>/{top1,top5,chance}`` for every task, from one pass over ``batches``."""
-    model.eval()
-    # Classifiers first: a model without a text tower fails here, before the split is streamed.
-    classifiers = {
-        t.name: zero_shot_classifier(model, t.classnames, t.templates, context_length) for t in tasks
-    }
-    features, labels = _encode_split(model, batches, tasks, progress_every)
-    metrics: dict[str, float] = {}
-    for task in tasks:
-        for name, value in zero_shot_accuracy(features, classifiers[task.name], labels[task.name]).items():
-            metrics[f"eval/zeroshot/{task.name}/{name}"] = value
-        metrics[f"eval/zeroshot/{task.name}/chance"] = 1.0 / len(task.classnames)
-    return metrics
+def mean_per_class_recall(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The mean over the classes present in ``labels`` of the fraction of their images predicted right
+    (clip_benchmark's ``mean_per_class_recall``, scikit-learn's balanced accuracy)."""
+    hits = logits.argmax(dim=1) == labels
+    return torch.stack([hits[labels == c].float().mean() for c in labels.unique()]).mean().item()
 
 
-def evaluate_checkpoint(
-    checkpoint_url: str, *, batch_size: int = 256, tracking_uri: str | None = None, progress_every: int = 10
-) -> dict[str, float]:
-    """Score a committed checkpoint on the shapes tasks; merge them into ``metrics.json`` and log to MLflow.
+class ZeroShot:
+    """Zero-shot top-1/top-5 (and mean per-class recall) of every task on one split.
 
-    This is the ``quick`` suite (``evaluators.suite``) kept callable on its own for the kfp components. The
-    metrics file is written before MLflow is tried, so an unreachable tracking server loses nothing. The
-    MLflow run is the training run recorded in the checkpoint's meta (none: no MLflow logging); the tracking
-    URI is ``tracking_uri``, else the checkpoint config's, else ``$MLFLOW_TRACKING_URI`` or the embedded
-    store.
+    Metrics: ``eval/zeroshot/<task>/{top1,top5,mean_per_class_recall,chance}``. A task whose label some image of
+    the split lacks is skipped, with a line saying so.
     """
-    config, weights, meta = load_for_eval(checkpoint_url)
-    model = build_model(config.model)
-    model.load_state_dict(weights)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    batches = iter_eval_batches(storage.join(config.data.url, "eval"), config, batch_size)
-    metrics = score_tasks(model, batches, load_tasks(), config.model.context_length,
-                          progress_every=progress_every)
-    report.write_metrics(checkpoint_url, meta, metrics, "zeroshot")
-    run_id = meta.get("mlflow_run_id")
-    if run_id:
-        uri = tracking_uri or config.tracking.uri or default_tracking_uri()
-        report.log_metrics(uri, run_id, metrics, int(meta["step"]))
-    return metrics
+
+    name = "zeroshot"
+    needs_text = True
+
+    def __init__(self, context: Context, source: Source, tasks: Sequence[Task]) -> None:
+        self.context, self.source, self.tasks = context, source, tuple(tasks)
+        self.features: list[torch.Tensor] = []
+        self.labels: dict[str, list[Any]] = {task.label_key: [] for task in self.tasks}
+
+    def reads(self) -> dict[str, tuple[Source, int | None]]:
+        return {"test": (self.source, None)}
+
+    def collect(self, role: str, batch: Batch) -> None:
+        self.features.append(batch.embeddings())
+        for key, found in self.labels.items():
+            found.extend(batch.labels(key))
+
+    def finish(self) -> Outcome:
+        outcome = Outcome()
+        features = torch.cat(self.features)
+        for task in self.tasks:
+            if why := absent(task.label_key, self.labels[task.label_key]):
+                outcome.skip(self.name, f"skipping {task.name}: the {self.source.split} split has {why}")
+                continue
+            classifier = zero_shot_classifier(self.context.model, task.classnames, task.templates,
+                                              self.context.config.model.context_length).cpu()
+            labels = torch.tensor(label_indices(task, self.labels[task.label_key]))
+            prefix = f"eval/zeroshot/{task.name}"
+            for name, value in zero_shot_accuracy(features, classifier, labels).items():
+                outcome.metrics[f"{prefix}/{name}"] = value
+            outcome.metrics[f"{prefix}/mean_per_class_recall"] = mean_per_class_recall(features @ classifier.T,
+                                                                                      labels)
+            outcome.metrics[f"{prefix}/chance"] = 1.0 / len(task.classnames)
+        return outcome

@@ -76,21 +76,25 @@ def _resolve_checkpoint(url: str) -> str:
 def _cmd_eval(args: argparse.Namespace) -> None:
     from evaluators.suite import SUITES, SuiteOptions, run_suite
 
-    if args.suite not in SUITES:
-        raise UsageError(f"unknown suite '{args.suite}' (suites: {', '.join(SUITES)})")
+    suite = args.suite or (None if args.tasks else "default")
+    if suite is not None and suite not in SUITES:
+        raise UsageError(f"unknown suite '{suite}' (suites: {', '.join(SUITES)})")
     if not 1 <= args.batch_size <= 1 << 16:
         raise UsageError(f"--batch-size: {args.batch_size} is not within 1..65536")
     options = SuiteOptions(batch_size=args.batch_size)
     if args.watch:
         from evaluators.watch import watch
 
+        if args.tasks:
+            raise UsageError("--watch runs a suite on each new checkpoint; run --tasks on the checkpoints it scored")
         run_url = normalize_url(args.checkpoint, "--checkpoint")
-        for url, metrics in watch(run_url, args.suite, tracking_uri=args.tracking_uri, options=options,
+        for url, metrics in watch(run_url, suite, tracking_uri=args.tracking_uri, options=options,
                                   poll_s=args.poll_s, timeout_s=args.timeout_s):
             print(json.dumps({"checkpoint": url, "metrics": metrics}), flush=True)
         return
-    metrics = run_suite(_resolve_checkpoint(args.checkpoint), args.suite, tracking_uri=args.tracking_uri,
-                        options=options)
+    root = normalize_url(args.root, "--root") if args.root else ""
+    metrics = run_suite(_resolve_checkpoint(args.checkpoint), suite, tasks=args.tasks, root=root,
+                        tracking_uri=args.tracking_uri, options=options)
     print(json.dumps(metrics, indent=1))
 
 
@@ -316,7 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint (or a run's newest one)")
     evaluate.add_argument("--checkpoint", required=True,
                           help="a checkpoint, or a run URL (its newest; with --watch: each one)")
-    evaluate.add_argument("--suite", default="default", help="quick (zero-shot), default, full")
+    evaluate.add_argument("--suite", default=None,
+                          help="on the checkpoint's corpus: quick (zero-shot), default, full (default: default, "
+                               "or none when --tasks is given)")
+    evaluate.add_argument("--tasks", nargs="+", default=[], metavar="FILE",
+                          help="task files of evaluations on other eval sets: paths, or shipped names "
+                               "(imagenet1k, cifar10, cifar100, coco-karpathy, flickr30k-karpathy)")
+    evaluate.add_argument("--root", default="", help="--tasks: the URL or path their eval sets lie under")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--watch", action="store_true",
                           help="evaluate each new COMMITTED checkpoint of the run until training is done")

@@ -218,7 +218,7 @@ def test_the_default_suite_on_a_caption_only_corpus_skips_the_shapes_tasks(tmp_p
     options = SuiteOptions(batch_size=8, probe_train_samples=12, k_shots=(1,), grounding_samples=8,
                            overlay_rows=2, progress_every=1, head_budget=Budget(steps=5))
     metrics = run_suite(url, "default", options=options)
-    assert {f"eval/retrieval/shapes-captions/{d}_R{k}" for d in ("image_to_text", "text_to_image")
+    assert {f"eval/retrieval/corpus/{d}_R{k}" for d in ("image_to_text", "text_to_image")
             for k in (1, 5, 10)} == set(metrics)
     lines = capsys.readouterr().err.splitlines()
     for evaluation, task, key in [("zeroshot", "shapes-color", "color"), ("zeroshot", "shapes-shape", "shape"),
@@ -228,3 +228,6 @@ def test_the_default_suite_on_a_caption_only_corpus_skips_the_shapes_tasks(tmp_p
         assert lines.count(line) == 1, (line, lines)
     for evaluation in ("grounding", "vqa", "seg"):
         assert len([line for line in lines if line.startswith(f"[eval] {evaluation}:")]) == 1, lines
+    # The suite ran to the end and says, last, everything it skipped.
+    assert lines[-1].startswith("[eval] skipped 9: zeroshot: skipping shapes-color"), lines[-1]
+    assert all(f"{e}: skipping" in lines[-1] for e in ("linear", "grounding", "vqa", "seg"))

@@ -70,7 +70,7 @@ def scored_checkpoint(tmp_path_factory) -> str:
     config = load_config("tiny-clip", [f"train.run_url=file://{tmp_path_factory.mktemp('scored')}"])
     model = build_model(config.model)
     url = checkpoint.save(config.train.run_url, 1, model, torch.optim.AdamW(model.parameters()), config, {})
-    report.write_metrics(url, {"step": 1}, {METRIC: 0.2}, "quick")
+    report.write_metrics(url, {"step": 1}, {METRIC: 0.2}, ["quick"])
     return url
 
 

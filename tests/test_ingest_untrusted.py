@@ -5,7 +5,6 @@ Every bad sample must be skipped with its reason in the manifest, never fetched,
 """
 
 import gzip
-import http.server
 import io
 import json
 import random
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import zlib
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from corpora import MAX_PIXELS, ingest_options, jpeg, make_corpus, stored_samples
 from PIL import Image
+from services import loopback_http as serve_loopback_http
 
 from pipelines.cli import main
 from trainer.data.ingest import IngestIncomplete, ingest
@@ -71,28 +70,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 line
 @pytest.fixture
 def loopback_http():
     """A real HTTP server on 127.0.0.1 standing in for a metadata endpoint; yields (port, requests it got)."""
-    requests: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            requests.append(self.path)
-            body = jpeg(99)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1], requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_loopback_http(jpeg(99)) as served:
+        yield served
 
 
 def _confinement_source(tmp: Path, fmt: str, port: int) -> tuple[dict[str, str], dict[str, str]]:

@@ -13,6 +13,7 @@ from evaluators.linear_probe import (
     ProbeTask,
     accuracy,
     fit_logistic,
+    group_means,
     k_shot_indices,
     linear_probe,
     load_probe_tasks,
@@ -100,14 +101,20 @@ def test_task_metrics_are_named_and_unlabelled_samples_left_out():
     metrics = score_probe_tasks(features, labels, features, labels, tasks, "cls", k_shots=(1,))
     assert metrics["eval/linear/c/top1"] == 1.0 and metrics["eval/linear/r/top1"] == 1.0
     assert metrics["eval/linear/c/top1_1shot"] == 1.0
-    assert metrics["eval/linear/group-natural/top1"] == 1.0
     assert metrics["eval/linear-gap/c/top1"] == 0.5  # constant features: one class for all, half are right
     assert set(metrics) == {
         "eval/linear/c/top1", "eval/linear/c/weight_decay", "eval/linear/c/top1_1shot",
         "eval/linear/r/top1", "eval/linear/r/weight_decay", "eval/linear/r/top1_1shot",
         "eval/linear-gap/c/top1", "eval/linear-gap/r/top1",
-        "eval/linear/group-natural/top1", "eval/linear/group-structured/top1",
     }
+
+
+def test_group_means_weigh_each_group_alike_whatever_its_size():
+    grouped = [("natural", 0.2), ("natural", 0.4), ("natural", 0.6), ("structured", 1.0)]
+    assert group_means(grouped) == pytest.approx({
+        "eval/linear/group-natural/top1": 0.4, "eval/linear/group-structured/top1": 1.0,
+        "eval/linear/groups/top1": 0.7})  # not 0.55, the mean over tasks
+    assert group_means([]) == {}
 
 
 def test_a_test_label_never_seen_in_training_counts_as_wrong():

@@ -236,7 +236,7 @@ def name(store, tmp_path) -> str:
 
 def _scored(tmp_path: Path, step: int, value: float) -> str:
     url = _save(f"file://{tmp_path}/run", step)
-    report.write_metrics(url, {"step": step}, {METRIC: value}, "quick")
+    report.write_metrics(url, {"step": step}, {METRIC: value}, ["quick"])
     return url
 
 
@@ -308,5 +308,5 @@ def test_write_metrics_refuses_a_folder_that_is_not_a_committed_checkpoint(tmp_p
     _write(folder, {"metrics.json": b'{"theirs": true}', "other.bin": b"x"})
     before = _snapshot(tmp_path)
     with pytest.raises(FileNotFoundError, match="no committed checkpoint at"):
-        report.write_metrics(f"file://{folder}", {"step": 1}, {METRIC: 0.5}, "quick")
+        report.write_metrics(f"file://{folder}", {"step": 1}, {METRIC: 0.5}, ["quick"])
     assert _snapshot(tmp_path) == before

@@ -50,7 +50,7 @@ def _checkpoint(run, step: int, value: float) -> str:
     config, model, optimizer = run
     url = checkpoint.save(config.train.run_url, step, model, optimizer, config, {"samples_seen": step})
     metrics = {METRIC: value, "eval/zeroshot/shapes-color/top5": 1.0}
-    report.write_metrics(url, {"step": step}, metrics, "quick")
+    report.write_metrics(url, {"step": step}, metrics, ["quick"])
     return url
 
 

@@ -74,7 +74,7 @@ def _save(tiny, run_url: str, step: int, metrics: dict[str, float] | None, run_i
     meta = {"samples_seen": step, **({"mlflow_run_id": run_id} if run_id else {})}
     url = checkpoint.save(run_url, step, model, optimizer, config, meta)
     if metrics is not None:
-        report.write_metrics(url, {"step": step}, metrics, "quick")
+        report.write_metrics(url, {"step": step}, metrics, ["quick"])
     return url
 
 

@@ -10,9 +10,10 @@ from mlflow import MlflowClient
 
 from evaluators.features import vision_tower
 from evaluators.heads import Budget
-from evaluators.suite import SuiteOptions, run_suite
+from evaluators.protocol import Batch, Context
+from evaluators.suite import SuiteOptions, run_suite, suite_evaluations
 from evaluators.watch import DONE, pending, training_done, watch
-from evaluators.zeroshot import load_tasks, score_tasks
+from evaluators.zeroshot import ZeroShot, load_tasks
 from pipelines.cli import main
 from trainer import checkpoint, storage
 from trainer.config import load_config
@@ -43,10 +44,10 @@ def _save(tmp_path, corpus, step, *, preset="tiny-clip", run_id=None, extra=()):
 
 def _expected_default() -> set[str]:
     names = {f"eval/zeroshot/{t}/{m}" for t in ("shapes-color", "shapes-shape")
-             for m in ("top1", "top5", "chance")}
+             for m in ("top1", "top5", "mean_per_class_recall", "chance")}
     names |= {f"eval/linear/{t}/{m}" for t in PROBES for m in ("top1", "weight_decay", "top1_1shot")}
-    names |= {"eval/linear/group-natural/top1", "eval/linear/group-structured/top1"}
-    names |= {f"eval/retrieval/shapes-captions/{d}_R{k}" for d in ("image_to_text", "text_to_image")
+    names |= {"eval/linear/group-natural/top1", "eval/linear/group-structured/top1", "eval/linear/groups/top1"}
+    names |= {f"eval/retrieval/corpus/{d}_R{k}" for d in ("image_to_text", "text_to_image")
               for k in (1, 5, 10)}
     names |= {f"eval/grounding/{m}/{s}" for m in ("patch-text", "gradcam")
               for s in ("pointing_game", "mask_iou")}
@@ -68,11 +69,21 @@ def test_default_suite_writes_every_metric_to_metrics_json_and_the_training_run(
     assert all(math.isfinite(v) for v in metrics.values())
     assert all(0 <= v <= 1 for k, v in metrics.items() if not k.endswith("weight_decay"))
     err = capsys.readouterr().err
-    assert "[eval] default eval: 2 batches, 24 images" in err and "probe-train: 4 batches, 48 images" in err
+    # Each split streamed once for every evaluation reading it: the probes' train split up to its limit.
+    assert err.count(f"[eval] {corpus} (mds) split 'eval': 2 batches, 24 images") == 1
+    assert err.count(f"[eval] {corpus} (mds) split 'train': 4 batches, 48 images") == 1
+    assert "[eval] skipped" not in err
+    groups = [metrics[f"eval/linear/group-{g}/top1"] for g in ("natural", "structured")]
+    assert metrics["eval/linear/groups/top1"] == pytest.approx(sum(groups) / 2)
+    assert metrics["eval/linear/group-natural/top1"] == pytest.approx(
+        (metrics["eval/linear/shapes-color/top1"] + metrics["eval/linear/shapes-shape/top1"]) / 2)
 
-    # Parity: the suite's zero-shot numbers are those of the zero-shot evaluator on the same split.
-    batches = iter_eval_batches(storage.join(corpus, "eval"), config, 12)
-    zeroshot = score_tasks(model, batches, load_tasks(), config.model.context_length)
+    # Parity: the suite's zero-shot numbers are those of the zero-shot evaluation alone, in other batches.
+    context = Context(model, config, OPTIONS, has_text=True)
+    alone = ZeroShot(context, suite_evaluations(context, "quick")[0].source, load_tasks())
+    for raw in iter_eval_batches(storage.join(corpus, "eval"), config, 5):
+        alone.collect("test", Batch(context, raw))
+    zeroshot = alone.finish().metrics
     assert {k: metrics[k] for k in zeroshot} == pytest.approx(zeroshot)
 
     report = json.loads(storage.read_text(storage.join(url, "metrics.json")))
@@ -152,10 +163,12 @@ def test_streamed_features_own_their_memory_so_it_grows_with_width_not_tokens(tm
 
     _, model, config = _save(tmp_path, corpus, 1)
     assert vision_tower(model).pool == "cls"
-    batches = iter_eval_batches(storage.join(corpus, "eval"), config, 6)
-    found = _stream(model, batches, {"zeroshot", "retrieval", "linear", "linear-diagnostic"}, config, OPTIONS,
-                    "test")
-    held = found.embeddings + found.captions + [t for pool in found.pooled.values() for t in pool]
-    assert len(held) == 4 * 2 + 4 * 3  # 4 batches: image and caption embeddings, 3 poolings
+    context = Context(model, config, SuiteOptions(batch_size=6), has_text=True)
+    zeroshot, linear, retrieval = (suite_evaluations(context, "full")[i] for i in (0, 1, 2))
+    test = retrieval.source
+    _stream(context, test, [(zeroshot, "test", None), (linear, "test", None), (retrieval, "test", None)])
+    held = zeroshot.features + retrieval.images + retrieval.texts
+    held += [t for pool in linear.features["test"].values() for t in pool]
+    assert len(held) == 4 * 3 + 4 * 3  # 4 batches: image embeddings twice, caption embeddings, 3 poolings
     for tensor in held:
         assert tensor.dim() == 2 and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()

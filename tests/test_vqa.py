@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from evaluators.heads import Budget
+from evaluators.protocol import Context
 from evaluators.questions import QUESTION_TYPES, scene_questions
-from evaluators.suite import SuiteOptions, evaluate_model
+from evaluators.suite import SuiteOptions, evaluate, suite_evaluations
 from evaluators.vqa import (
     VqaSet,
     answer_score,
@@ -168,9 +169,9 @@ def trained(tmp_path_factory):
 
 
 def _default_suite(trained):
-    model, config, url = trained
-    return evaluate_model(model, config, "default", iter_eval_batches(storage.join(url, "eval"), config, 64),
-                          iter_eval_batches(storage.join(url, "train"), config, 64), OPTIONS)
+    model, config, _ = trained
+    context = Context(model, config, OPTIONS, has_text=True)
+    return evaluate(context, suite_evaluations(context, "default"))
 
 
 def test_both_probes_run_in_the_default_suite_and_beat_the_majority_baselines(trained, capsys):

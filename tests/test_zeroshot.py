@@ -1,5 +1,6 @@
 """Zero-shot evaluation: accuracy known answers and properties, prompt ensembling against a hand loop on the
-real tiny model, the task assets against the shapes generator, and a checkpoint scored end to end."""
+real tiny model, the task assets against the shapes generator, and a checkpoint scored end to end by the quick
+suite."""
 
 import json
 import socket
@@ -10,22 +11,24 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mlflow import MlflowClient
+from sklearn.metrics import balanced_accuracy_score
 
+from evaluators.protocol import Batch, Context, Source, SuiteOptions
+from evaluators.suite import run_suite
 from evaluators.zeroshot import (
     IMAGENET_TASKS,
     SHAPES_TASKS,
     Task,
-    _label_indices,
-    eval_set_task,
-    evaluate_checkpoint,
+    ZeroShot,
+    fill,
+    label_indices,
     load_tasks,
-    score_tasks,
     zero_shot_accuracy,
     zero_shot_classifier,
 )
 from trainer import checkpoint, storage
 from trainer.config import load_config
-from trainer.data.eval_sets import iter_eval_set
+from trainer.data.eval_sets import EvalSet
 from trainer.data.loader import iter_eval_batches
 from trainer.data.shapes import COLORS, SHAPES, write_shapes
 from trainer.data.tokenizer import tokenize
@@ -102,9 +105,15 @@ def test_task_classes_are_the_shapes_generators_words():
 
 def test_unknown_label_names_the_task_and_label():
     task = Task("t", "color", ("red", "blue"), ("a {}.",))
-    assert _label_indices(task, [{"labels": {"color": "blue"}}, {"labels": {"color": "red"}}]) == [1, 0]
+    assert label_indices(task, ["blue", "red", 0]) == [1, 0, 0]
     with pytest.raises(ValueError, match="t: label 'mauve'"):
-        _label_indices(task, [{"labels": {"color": "mauve"}}])
+        label_indices(task, ["mauve"])
+    with pytest.raises(ValueError, match="t: label '2'"):  # an index past the classes
+        label_indices(task, [2])
+
+
+def test_templates_take_the_class_as_ours_or_clip_benchmarks_write_it():
+    assert fill("a photo of a {}.", "cat") == fill("a photo of a {c}.", "cat") == "a photo of a cat."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,29 +144,36 @@ def test_classifier_equals_a_hand_loop_over_templates(tiny):
     torch.testing.assert_close(classifier.norm(dim=1), torch.ones(len(task.classnames)))
 
 
-def test_score_tasks_matches_a_hand_argmax_on_the_tiny_model(tiny):
+def test_zeroshot_matches_a_hand_argmax_on_the_tiny_model(tiny):
     model, config = tiny
     tasks = load_tasks()
+    context = Context(model, config, SuiteOptions(), has_text=True)
+    evaluation = ZeroShot(context, Source(EvalSet("file:///unused", "mds"), "eval"), tasks)
     generator = torch.Generator().manual_seed(1)
     size = config.model.image_size
     batches, metas = [], []
     for start in (0, 5):  # two batches of five images, labels cycling through the classes
         chunk = [{"labels": {t.label_key: t.classnames[(start + i) % len(t.classnames)] for t in tasks}}
                  for i in range(5)]
-        batches.append({"image": torch.randn(5, 3, size, size, generator=generator), "meta": chunk})
+        batches.append({"image": torch.randn(5, 3, size, size, generator=generator), "meta": chunk,
+                        "key": [str(start + i) for i in range(5)], "captions": [[]] * 5})
         metas += chunk
-    metrics = score_tasks(model, batches, tasks, config.model.context_length)
+    for raw in batches:
+        evaluation.collect("test", Batch(context, raw))
+    metrics = evaluation.finish().metrics
     with torch.no_grad():
         features = torch.cat([model.encode_image(b["image"]) for b in batches])
     for task in tasks:
         classifier = zero_shot_classifier(model, task.classnames, task.templates, config.model.context_length)
         predicted = [task.classnames[i] for i in (features @ classifier.T).argmax(dim=1).tolist()]
-        right = sum(p == m["labels"][task.label_key] for p, m in zip(predicted, metas, strict=True))
+        truth = [m["labels"][task.label_key] for m in metas]
+        right = sum(p == t for p, t in zip(predicted, truth, strict=True))
         prefix = f"eval/zeroshot/{task.name}"
         assert metrics[f"{prefix}/top1"] == pytest.approx(right / len(metas))
         assert metrics[f"{prefix}/top1"] <= metrics[f"{prefix}/top5"]
+        assert metrics[f"{prefix}/mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(truth, predicted))
         assert metrics[f"{prefix}/chance"] == 1 / len(task.classnames)
-    assert len(metrics) == 3 * len(tasks)
+    assert len(metrics) == 4 * len(tasks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,18 +197,21 @@ def _checkpoint(tmp_path, corpus, run_id):
     return url, model.eval(), config
 
 
-def test_evaluate_checkpoint_writes_metrics_json_and_logs_to_the_training_run(tmp_path, corpus, capsys):
+def test_the_quick_suite_writes_metrics_json_and_logs_to_the_training_run(tmp_path, corpus, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("zeroshot")).info.run_id
     url, model, config = _checkpoint(tmp_path, corpus, run_id)
 
-    metrics = evaluate_checkpoint(url, batch_size=10, tracking_uri=uri, progress_every=1)
-    assert "[eval] zeroshot: 3 batches, 24 images" in capsys.readouterr().err
+    metrics = run_suite(url, "quick", tracking_uri=uri, options=SuiteOptions(batch_size=10, progress_every=1))
+    assert f"[eval] {corpus} (mds) split 'eval': 3 batches, 24 images" in capsys.readouterr().err
 
     # The same numbers as scoring the saved model directly: the checkpoint's weights were the ones evaluated.
-    batches = iter_eval_batches(storage.join(corpus, "eval"), config, 10)
-    assert metrics == pytest.approx(score_tasks(model, batches, load_tasks(), config.model.context_length))
+    context = Context(model, config, SuiteOptions(), has_text=True)
+    direct = ZeroShot(context, Source(EvalSet(corpus, "mds"), "eval"), load_tasks())
+    for raw in iter_eval_batches(storage.join(corpus, "eval"), config, 7):
+        direct.collect("test", Batch(context, raw))
+    assert metrics == pytest.approx(direct.finish().metrics)
     report = json.loads(storage.read_text(storage.join(url, "metrics.json")))
     assert report["step"] == 7 and report["samples_seen"] == 448 and report["metrics"] == metrics
     assert metrics["eval/zeroshot/shapes-color/chance"] == 1 / len(load_tasks()[0].classnames)
@@ -207,7 +226,7 @@ def test_an_unreachable_tracking_server_keeps_metrics_json(tmp_path, corpus, cap
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     url, _, _ = _checkpoint(tmp_path, corpus, "0123456789abcdef")
-    metrics = evaluate_checkpoint(url, batch_size=32, tracking_uri=f"http://127.0.0.1:{port}")
+    metrics = run_suite(url, "quick", tracking_uri=f"http://127.0.0.1:{port}")
     assert json.loads(storage.read_text(storage.join(url, "metrics.json")))["metrics"] == metrics
     assert "not logged to MLflow" in caplog.text
 
@@ -215,7 +234,7 @@ def test_an_unreachable_tracking_server_keeps_metrics_json(tmp_path, corpus, cap
 def test_a_checkpoint_without_a_run_id_is_scored_without_mlflow(tmp_path, corpus):
     url, _, _ = _checkpoint(tmp_path, corpus, None)
     unused = tmp_path / "never.db"
-    evaluate_checkpoint(url, batch_size=32, tracking_uri=f"sqlite:///{unused}")
+    run_suite(url, "quick", tracking_uri=f"sqlite:///{unused}")
     assert not unused.exists()
     assert storage.exists(storage.join(url, "metrics.json"))
 
@@ -232,23 +251,5 @@ def test_imagenet_assets_hold_the_1000_names_and_80_templates():
     assert task.classnames[0] == "tench" and task.classnames[-1] == "toilet paper"
     assert all(t.count("{}") == 1 for t in task.templates) and len(set(task.templates)) == 80
     assert task.templates[0] == "a bad photo of a {}."
-
-
-def test_an_image_folder_is_scored_by_its_own_class_names(tmp_path, tiny):
-    from PIL import Image
-
-    model, config = tiny
-    for name, colour in (("red", (220, 40, 40)), ("blue", (40, 80, 225)), ("green", (40, 170, 60))):
-        (tmp_path / name).mkdir()
-        for i in range(2):
-            Image.new("RGB", (64, 64), tuple(c + 5 * i for c in colour)).save(tmp_path / name / f"{i}.png")
-    task = eval_set_task(str(tmp_path), "folder-colour", ("a {} shape.",))
-    assert task.classnames == ("blue", "green", "red")
-    metrics = score_tasks(model, iter_eval_set(str(tmp_path), config, 4), [task], config.model.context_length)
-    classifier = zero_shot_classifier(model, task.classnames, task.templates, config.model.context_length)
-    batches = list(iter_eval_set(str(tmp_path), config, 4))
-    with torch.no_grad():
-        predicted = torch.cat([model.encode_image(b["image"]) for b in batches]) @ classifier.T
-    labels = torch.tensor([m["labels"]["label"] for b in batches for m in b["meta"]])
-    assert metrics["eval/zeroshot/folder-colour/top1"] == pytest.approx(
-        (predicted.argmax(dim=1) == labels).float().mean().item())
+    assert len(data["wnids"]) == 1000 and data["wnids"] == sorted(data["wnids"]) and "timm" in data["source"]
+    assert data["wnids"][0] == "n01440764"  # tench, class 0

@@ -392,7 +392,8 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: cannot read YAML: {_yaml_problem(err)}") from None
 
 
-def _read_yaml_file(path: Path, source: str) -> Any:
+def read_yaml_file(path: Path, source: str) -> Any:
+    """A YAML file read as ``load_yaml`` reads text, at most ``MAX_YAML_BYTES`` of it; ConfigError otherwise."""
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_YAML_BYTES + 1)
@@ -427,7 +428,7 @@ def _read_preset(name: Any, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if len(seen) >= MAX_BASE_CHAIN:
         raise ConfigError(f"preset {quote(name)}: more than {MAX_BASE_CHAIN} presets chained through 'base'")
     source = f"preset {quote(str(path), 2 * QUOTE_LIMIT)}"
-    raw = _read_yaml_file(path, source) or {}
+    raw = read_yaml_file(path, source) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {quote(raw)}")
     base = raw.pop("base", None)

@@ -114,6 +114,23 @@ def list_dir(url: str) -> list[str]:
         return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def list_folders_and_files(url: str) -> tuple[list[str], list[str]]:
+    """``(folders, files)``: the names directly under ``url``, each sorted, from one listing (a bucket answers
+    with its prefixes as folders); both empty when it does not exist."""
+    fs, path = filesystem(url)
+    with _reporting(url, "list"):
+        if not fs.exists(path):
+            return [], []
+        fs.invalidate_cache(path)
+        entries = fs.ls(path, detail=True)
+    folders, files = set(), set()
+    for entry in entries:
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        if name and entry["name"].rstrip("/") != path.rstrip("/"):  # some stores list a folder's own marker
+            (folders if entry.get("type") == "directory" else files).add(name)
+    return sorted(folders), sorted(files - folders)
+
+
 def remove(url: str) -> None:
     fs, path = filesystem(url)
     with _reporting(url, "remove"):

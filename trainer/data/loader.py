@@ -280,6 +280,8 @@ class CaptionedImages(StreamingDataset):
         item = {"key": sample["key"], "image": image}
         if self.with_text_meta:
             item |= {"caption": sample["caption"], "meta": sample["meta"]}
+            if "captions" in sample:  # a json column of every caption of the image, where a corpus has one
+                item["captions"] = sample["captions"]
         else:
             item["tokens"] = tokenize([sample["caption"]], self.context_length)[0]
         return item
@@ -341,11 +343,14 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 def collate_eval(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Eval samples to one batch: stacked images, keys, captions and meta as lists."""
+    """Eval samples to one batch: stacked images; keys, captions and meta as lists. ``captions`` holds every
+    caption of each image: a sample's own ``captions``, else its one caption (none when it is empty)."""
     return {
         "key": [s["key"] for s in samples],
         "image": torch.stack([s["image"] for s in samples]),
         "caption": [s["caption"] for s in samples],
+        "captions": [list(s["captions"]) if "captions" in s else [s["caption"]] if s["caption"] else []
+                     for s in samples],
         "meta": [s["meta"] for s in samples],
     }
 

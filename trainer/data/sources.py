@@ -29,10 +29,10 @@ import json
 import posixpath
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -54,6 +54,7 @@ PARQUET_MAX_BATCH_ROWS = 256
 # Stores a table cell may name, by scheme (fsspec's aliases included); anything else is refused unread.
 _STORES = {"file": "file", "gs": "gs", "gcs": "gs", "s3": "s3", "s3a": "s3"}
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
+_P = TypeVar("_P")
 
 
 @dataclass(frozen=True)
@@ -161,10 +162,10 @@ def _url(store: str, components: tuple[str, ...]) -> str:
     return f"{store}:///{'/'.join(components)}" if store == "file" else f"{store}://{'/'.join(components)}"
 
 
-class _Confinement:
+class Confinement:
     """The places (the source root, then the allowed prefixes) that table cells may name objects under."""
 
-    def __init__(self, root: str, allowed_prefixes: tuple[str, ...]) -> None:
+    def __init__(self, root: str, allowed_prefixes: tuple[str, ...] = ()) -> None:
         self.root = root
         self.base = storage_location(root)
         self.places = [self.base, *(storage_location(p) for p in allowed_prefixes)]
@@ -241,7 +242,8 @@ def _split_member(name: str) -> tuple[str, str]:
 class _Parts:
     """The files of one webdataset sample that ingest uses, read only when within the limits."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: ReadLimits) -> None:
+        self.limits = limits
         self.image: bytes | None = None
         self.image_rank = len(IMAGE_EXTENSIONS)  # the best extension seen: jpg before jpeg, png, webp
         self.caption: bytes | None = None
@@ -249,7 +251,8 @@ class _Parts:
         self.image_refused: tuple[str, str] | None = None
         self.caption_refused: tuple[str, str] | None = None
 
-    def add(self, extension: str, member: tarfile.TarInfo, tar: tarfile.TarFile, limits: ReadLimits) -> None:
+    def add(self, extension: str, member: tarfile.TarInfo, tar: tarfile.TarFile) -> None:
+        limits = self.limits
         if extension in IMAGE_EXTENSIONS:
             rank = IMAGE_EXTENSIONS.index(extension)
             if rank >= self.image_rank:
@@ -279,32 +282,43 @@ class _Parts:
         return RawRecord(key, self.image, self.caption, meta, self.image_refused or self.caption_refused)
 
 
-def _webdataset_records(shard: InputShard, limits: ReadLimits) -> Iterator[RawRecord]:
-    """Files of one sample are consecutive in a webdataset tar (the format's rule); group them by key."""
-    with storage.open_file(shard.url) as handle, \
+def tar_samples(url: str, new_parts: Callable[[], _P]) -> Iterator[tuple[str, _P]]:
+    """The samples of the webdataset tar at ``url`` as ``(key, parts)``, streamed one sample at a time.
+
+    The files of one sample are consecutive in a webdataset tar (the format's rule; ``_split_member`` names the
+    key): every regular file of a sample is offered to ``parts.add(extension, member, tar)`` while the stream
+    stands at it, to read then or to leave, skipped unread. Headers are checked (``_CheckedTarInfo``), so a
+    corrupt or truncated tar raises ``tarfile.ReadError`` instead of ending early.
+    """
+    with storage.open_file(url) as handle, \
             tarfile.open(fileobj=handle, mode="r|*", tarinfo=_CheckedTarInfo) as tar:
-        key, parts = None, _Parts()
+        key, parts = None, new_parts()
         while (member := tar.next()) is not None:
             tar.members.clear()  # stream mode keeps every header it has read; a tar may hold millions
             if not member.isfile():
                 continue
             member_key, extension = _split_member(member.name)
             if member_key != key and key is not None:
-                yield parts.record(key)
-                parts = _Parts()
+                yield key, parts
+                parts = new_parts()
             key = member_key
-            parts.add(extension, member, tar, limits)
+            parts.add(extension, member, tar)
         if key is not None:
-            yield parts.record(key)
+            yield key, parts
+
+
+def _webdataset_records(shard: InputShard, limits: ReadLimits) -> Iterator[RawRecord]:
+    for key, parts in tar_samples(shard.url, lambda: _Parts(limits)):
+        yield parts.record(key)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Tables.
 
 
-def _image_from_cell(value: Any, confinement: _Confinement,
+def _image_from_cell(value: Any, confinement: Confinement,
                      limits: ReadLimits) -> tuple[bytes | None, tuple[str, str] | None]:
-    """Bytes as stored, a Hugging Face image struct, or a path (see ``_Confinement``); None when missing."""
+    """Bytes as stored, a Hugging Face image struct, or a path (see ``Confinement``); None when missing."""
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, bytes | bytearray | memoryview):
@@ -333,7 +347,7 @@ def _caption_from_cell(value: Any) -> bytes | None:
 
 
 def _parquet_records(shard: InputShard, columns: TableColumns, limits: ReadLimits) -> Iterator[RawRecord]:
-    confinement = _Confinement(shard.root, limits.allowed_prefixes)
+    confinement = Confinement(shard.root, limits.allowed_prefixes)
     with storage.open_file(shard.url) as handle:
         # buffer_size reads column chunks page by page instead of whole (pre_buffer would read them at once)
         table = pq.ParquetFile(handle, buffer_size=1 << 20, pre_buffer=False)
@@ -396,7 +410,7 @@ def _csv_field_limit(limit: int) -> Iterator[None]:
 
 
 def _csv_records(shard: InputShard, columns: TableColumns, limits: ReadLimits) -> Iterator[RawRecord]:
-    confinement = _Confinement(shard.root, limits.allowed_prefixes)
+    confinement = Confinement(shard.root, limits.allowed_prefixes)
     bound = limits.caption_bytes + CSV_RECORD_EXTRA_CHARS
     with storage.open_file(shard.url) as handle, _csv_field_limit(bound):
         text = io.TextIOWrapper(handle, encoding="utf-8", errors="surrogateescape", newline="")
@@ -436,7 +450,7 @@ def _require(names: set[str], columns: TableColumns, url: str) -> None:
 
 
 def _table_record(item: dict[str, Any], columns: TableColumns, shard: InputShard, row: int,
-                  confinement: _Confinement, limits: ReadLimits) -> RawRecord:
+                  confinement: Confinement, limits: ReadLimits) -> RawRecord:
     key = item.get(columns.key)
     key = str(key) if key not in (None, "") else f"{shard.name}-{row:08d}"
     image, refused = _image_from_cell(item.get(columns.image), confinement, limits)
