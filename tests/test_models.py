@@ -58,6 +58,24 @@ def test_clip_loss_matches_open_clip(batch: int, dim: int, scale: float, seed: i
         assert torch.allclose(mine.grad, theirs.grad, atol=1e-6, rtol=0)
 
 
+def test_contrastive_logits_and_loss_stay_fp32_under_bf16_autocast() -> None:
+    """Autocast runs a matmul in bf16 whatever its inputs; the loss must not: at scale 100 over 256 pairs, bf16
+    logits move the loss by ~1e-2, fp32 ones by float noise."""
+    generator = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(256, 64, generator=generator), dim=-1)
+    texts = F.normalize(images + 0.5 * torch.randn(256, 64, generator=generator), dim=-1)
+    scale = torch.tensor(100.0)
+    expected = clip_loss(images, texts, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = clip_loss(images.bfloat16(), texts.bfloat16(), scale)
+        logits = images @ texts.T
+    assert logits.dtype == torch.bfloat16  # what autocast does to a plain matmul here
+    assert got.dtype == torch.float32
+    reference = clip_loss(images.bfloat16().float(), texts.bfloat16().float(), scale)  # same inputs, fp32 maths
+    assert got.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert abs(got.item() - expected.item()) < 1e-2
+
+
 def test_clip_loss_known_answer() -> None:
     # Two orthonormal pairs at scale s: each row's CE is log(1 + e^{-s}).
     eye = torch.eye(2)

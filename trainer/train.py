@@ -303,8 +303,9 @@ def train(config: Config) -> None:
             data_wait += time.perf_counter() - fetch_start
             audit.record(step + 1, batch["key"])
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            with _sync_gradients(module, micro == micro_steps - 1), autocast:
-                losses = forward(inputs)
+            with _sync_gradients(module, micro == micro_steps - 1):
+                with autocast:  # the forward only: backward runs each op in the dtype its forward used
+                    losses = forward(inputs)
                 (losses["loss"] / micro_steps).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0) + value.detach() / micro_steps

@@ -36,9 +36,12 @@ def clip_loss(
     image_features, text_features = image_features.to(dtype), text_features.to(dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         image_features, text_features = _gather(image_features), _gather(text_features)
-    logits = logit_scale.to(dtype) * image_features @ text_features.T
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    # Autocast would run the matmul in bf16 whatever its inputs: the logits of a large batch differ by less
+    # than bf16 resolves near the top of the softmax, so they are computed with autocast off.
+    with torch.autocast(image_features.device.type, enabled=False):
+        logits = logit_scale.to(dtype) * image_features @ text_features.T
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
