@@ -32,8 +32,9 @@ from open_clip.loss import ClipLoss
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, installed or not
 
 from trainer.config import Config, ModelConfig, load_config
-from trainer.models import build_model, parameter_groups
+from trainer.models import build_model
 from trainer.models.flops import flops_per_sample, mfu
+from trainer.optim import build_optimizer
 
 # Captions of CC12M-like lengths (6 to 25 words), so that caption masking sees realistic word counts.
 CAPTIONS = [
@@ -69,16 +70,11 @@ def make_batch(cfg: ModelConfig, batch: int, device: torch.device) -> dict[str, 
     return {"image": images.to(device), "tokens": tokens.to(device)}
 
 
-def adamw(params: list[dict], config: Config, fused: bool = False) -> torch.optim.AdamW:
-    optim = config.optim
-    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
-
-
 def ours(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager
          ) -> Callable[[], None]:
     """Our objective's step as ``trainer.train`` runs it, less gradient clipping (open_clip has none)."""
     model = build_model(config.model).to(batch["image"].device).train()
-    optimizer = adamw(parameter_groups(model, config.optim.weight_decay), config, fused=True)  # as trainer.train
+    optimizer = build_optimizer(model, config.optim, fused=True)
 
     def step() -> None:
         with autocast:
@@ -112,8 +108,10 @@ def reference(config: Config, batch: dict[str, torch.Tensor], autocast: contextl
     model = open_clip_model(config.model).to(batch["image"].device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    optimizer = adamw([{"params": decay, "weight_decay": config.optim.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}], config)
+    optim = config.optim
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr,
+                                  betas=(optim.beta1, optim.beta2), eps=optim.eps)
     loss_fn = ClipLoss()
 
     def step() -> None:

@@ -31,7 +31,7 @@ from trainer.models.masking import (
 from trainer.models.objectives import pixel_loss
 from trainer.models.text import TextTransformer
 from trainer.models.vit import sincos_1d, sincos_2d
-from trainer.train import lr_at
+from trainer.optim import lr_at
 
 SOT, EOT = 98, 99  # the two highest ids of the small vocabulary, as in CLIP's
 

@@ -27,8 +27,9 @@ def _overrides(corpus: str, run: Path, steps: int) -> list[str]:
 def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     run = tmp_path / "run"
     # asynchronous checkpoints: steps 10 and 20 upload in the background and commit at the next save
-    first = run_training("tiny-clip", [*_overrides(corpus, run, 30), "train.async_checkpoint=true"],
-                         nproc_per_node=2)
+    # lr 0.002 published at batch 16: at this run's global batch of 32 the sqrt rule makes it 0.002 x sqrt(2)
+    first = run_training("tiny-clip", [*_overrides(corpus, run, 30), "train.async_checkpoint=true",
+                                       "optim.reference_batch=16", "optim.lr_scaling=sqrt"], nproc_per_node=2)
     assert first.endswith("step-000000030")
     assert [step for step, _ in checkpoint.committed_checkpoints(f"file://{run}")] == [10, 20, 30]
     meta = checkpoint.read_meta(first)
@@ -42,6 +43,9 @@ def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     assert len(memory) == 6 and all(0.05 < m.value < 64 for m in memory)
     params = client.get_run(run_id).data.params
     assert params["model.objective"] == "clip" and params["train.steps"] == "30"
+    assert params["optim.lr"] == "0.002" and float(params["optim.effective_lr"]) == pytest.approx(0.002 * 2**0.5)
+    lrs = {m.step: m.value for m in client.get_metric_history(run_id, "train/lr")}
+    assert lrs[5] == pytest.approx(0.002 * 2**0.5)  # the end of the warmup: the scaled peak
 
     # a directory without COMMITTED, newer than every real checkpoint, must be ignored
     storage.write_text(storage.join(f"file://{run}", "checkpoints", "step-000000035", "meta.json"), "{}")

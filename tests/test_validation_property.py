@@ -74,6 +74,7 @@ OUT_OF_RANGE: dict[str, list[str]] = {
     "optim.warmup_steps": ["-1", "2147483648"],
     "optim.min_lr": ["-1e-5", "0.01", "1"],
     "optim.grad_clip": ["-1", "1e10"],
+    "optim.reference_batch": ["-1", "2199023255552"],
     "train.steps": ["0", "-1", "2199023255552"],
     "train.schedule_steps": ["-1", "2199023255552"],
     "train.checkpoint_every": ["0", "-1", "2199023255552"],
@@ -96,6 +97,7 @@ BAD_STRINGS: dict[str, list[str]] = {
     "data.shuffle_algo": ["py3"],
     "train.run_url": ["ftp://host/x", "gs://", "s3://b@d/x", "''"],
     "train.parallelism": ["tp"],
+    "optim.lr_scaling": ["cubic", "Linear"],
     "tracking.experiment": ["''"],
 }
 # Strings that no string key may take: line breaks, terminal escapes, NUL, surrogates (as YAML escapes).
@@ -239,4 +241,4 @@ def test_valid_arguments_do_launch(tmp_path, launches):
     assert stdout.strip() == f"file://{tmp_path}/run/step-000000001"
     assert [call[0] for call in launches] == ["dataset", "writable", "claim", "launch"]
     kwargs = launches[-1][2]
-    assert (kwargs["nnodes"], kwargs["nproc_per_node"], kwargs["scheduler"]) == ("1:2", 4, "local_cwd")
+    assert (kwargs["nnodes"], kwargs["nproc_per_node"], kwargs["plan"].scheduler) == ("1:2", 4, "local_cwd")

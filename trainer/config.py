@@ -132,6 +132,10 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr: float = 1e-5
     grad_clip: float = 1.0
+    # The global batch that lr and min_lr were published at; a run at another batch scales them by lr_scaling
+    # (linear or sqrt; trainer/optim.py). 0: they are used as given at any batch.
+    reference_batch: int = 0
+    lr_scaling: str = "linear"
 
 
 @dataclass
@@ -638,6 +642,8 @@ def _validate_optim(o: OptimConfig) -> None:
     _range("optim.eps", o.eps, 0.0, 1.0, low_open=True)
     _range("optim.grad_clip", o.grad_clip, 0.0, 1e9)
     _range("optim.warmup_steps", o.warmup_steps, 0, 1 << 30)
+    _range("optim.reference_batch", o.reference_batch, 0, 1 << 40)
+    _choice("optim.lr_scaling", o.lr_scaling, ("linear", "sqrt"))
 
 
 def _validate_train(t: TrainConfig, d: DataConfig) -> None:

@@ -29,23 +29,16 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer import checkpoint, storage, tracking
 from trainer.agent import STOPPED_FILE
-from trainer.config import Config, ConfigError, OptimConfig, load_config, to_yaml
+from trainer.config import Config, ConfigError, load_config, to_yaml
 from trainer.data.loader import build_train_loader
-from trainer.models import build_model, parameter_groups
+from trainer.models import build_model
 from trainer.models.flops import flops_per_sample, mfu
 from trainer.models.vit import Block
+from trainer.optim import at_batch, build_optimizer, lr_at
 
 log = logging.getLogger("trainer.train")
 # Written into the run URL when the loss is not finite; read by the launcher (pipelines/cli.py).
 DIVERGED = "diverged.json"
-
-
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warmup to ``optim.lr``, then cosine decay to ``optim.min_lr`` at ``total_steps``."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-    return optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -246,15 +239,8 @@ def train(config: Config) -> None:
     torch.manual_seed(cfg_t.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
     module = parallelize(model, config, world_size)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(model, config.optim.weight_decay),
-        lr=config.optim.lr,
-        betas=(config.optim.beta1, config.optim.beta2),
-        eps=config.optim.eps,
-        # One kernel for the whole update (about 6x faster than foreach on CPU, bench/README.md); FSDP2's
-        # sharded parameters take the foreach path.
-        fused=cfg_t.parallelism != "fsdp" or world_size == 1,
-    )
+    optim = at_batch(config.optim, global_batch)  # the published rates, scaled to this run's global batch
+    optimizer = build_optimizer(model, optim, fused=cfg_t.parallelism != "fsdp" or world_size == 1)
     resumed = checkpoint.resume(cfg_t.run_url, model, optimizer)
     start = resumed.step if resumed else 0
     meta = resumed.meta if resumed else {}
@@ -277,12 +263,15 @@ def train(config: Config) -> None:
             run_id = tracking.start_or_resume_run(uri, config.tracking.experiment, run_id, config.name, _tags(config))
             tracker = tracking.Tracker(uri, run_id)
             if not resumed:
-                tracker.log_params(config.flat() | {"flops_per_sample": flops})
+                tracker.log_params(config.flat() | {"flops_per_sample": flops, "optim.effective_lr": optim.lr})
         except Exception as err:  # tracking is never a reason not to train
             log.warning("MLflow unavailable (%s); training without tracking", err)
         where = f"step {start} from {resumed.url}" if resumed else "scratch"
         print(f"[train] {config.name}: {world_size} rank(s) x {micro_steps} micro-batch(es), global batch "
               f"{global_batch}, from {where}", flush=True)
+        if config.optim.reference_batch:
+            print(f"[train] lr {config.optim.lr:.3g} at batch {config.optim.reference_batch} -> {optim.lr:.3g} at "
+                  f"batch {global_batch} ({config.optim.lr_scaling} scaling)", flush=True)
 
     saver = Saver(config, model, optimizer, rank)
     audit = SampleAudit(os.environ.get("MAECLIP_SAMPLE_AUDIT", ""), rank)
@@ -293,7 +282,7 @@ def train(config: Config) -> None:
     window_start, data_wait = time.perf_counter(), 0.0
     while step < cfg_t.steps:
         torch.manual_seed(step_seed(cfg_t.seed, step, rank))
-        lr = lr_at(step, config.optim, cfg_t.schedule_steps or cfg_t.steps)
+        lr = lr_at(step, optim, cfg_t.schedule_steps or cfg_t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         totals: dict[str, torch.Tensor] = {}
