@@ -343,35 +343,33 @@ def test_logit_scale_init_and_cap() -> None:
     assert model.logit_scale.grad.item() == 0
 
 
-def test_parameter_groups_split() -> None:
+@pytest.mark.parametrize("rule", ["ndim", "no-embeddings"])
+def test_parameter_groups_split(rule: str) -> None:
     model = build_model(small_config(image_pool="map", text_pool="map"))
-    decay, no_decay = parameter_groups(model, 0.2)
+    decay, no_decay = parameter_groups(model, 0.2, rule)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
     kept = {names[id(p)] for p in no_decay["params"]}
     assert decayed.isdisjoint(kept) and decayed | kept == set(names.values())
-    for name in (
-        "logit_scale",
-        "visual.cls_token",
-        "visual.pos_embed",
-        "text.pos_embed",
-        "text.token_embedding.weight",
-        "visual.pooler.probe",
-        "text.pooler.probe",
-        "visual.ln_pre.weight",
-        "visual.blocks.0.attn.in_proj.bias",
-    ):
+    # Never decayed, by either rule: what has under two dims.
+    for name in ("logit_scale", "visual.cls_token", "visual.ln_pre.weight", "visual.blocks.0.attn.in_proj.bias"):
         assert name in kept
-    for name in (
-        "visual.patch_embed.weight",
-        "visual.proj.weight",
-        "text.proj.weight",
-        "visual.blocks.0.attn.in_proj.weight",
-        "text.blocks.1.mlp.c_fc.weight",
-        "visual.pooler.kv_proj.weight",
-    ):
-        assert name in decayed
+    assert "visual.blocks.0.attn.in_proj.weight" in decayed
+    embeddings = {"visual.pos_embed", "text.pos_embed", "text.token_embedding.weight", "visual.pooler.probe",
+                  "text.pooler.probe"}
+    # SLIP's and open_clip's rule decays the embeddings (2+ dims); FLIP's and M3AE's keeps them.
+    assert embeddings <= (decayed if rule == "ndim" else kept)
+
+
+def test_each_recipe_has_its_cited_decay_rule() -> None:
+    rules = {preset: load_config(preset).optim.decay_rule for preset in
+             ("vit-b16-clip", "vit-b16-flip", "vit-b16-maeclip", "vit-b16-mae", "vit-b16-m3ae", "tiny-clip",
+              "tiny-maeclip")}
+    assert rules == {"vit-b16-clip": "ndim", "vit-b16-flip": "ndim", "vit-b16-maeclip": "ndim", "vit-b16-mae": "ndim",
+                     "vit-b16-m3ae": "no-embeddings", "tiny-clip": "no-embeddings", "tiny-maeclip": "no-embeddings"}
+    with pytest.raises(ValueError, match="decay rule 'all'"):
+        parameter_groups(build_model(small_config()), 0.1, "all")
 
 
 def test_build_model_builds_every_objective() -> None:

@@ -98,6 +98,7 @@ BAD_STRINGS: dict[str, list[str]] = {
     "train.run_url": ["ftp://host/x", "gs://", "s3://b@d/x", "''"],
     "train.parallelism": ["tp"],
     "optim.lr_scaling": ["cubic", "Linear"],
+    "optim.decay_rule": ["none", "NDIM"],
     "tracking.experiment": ["''"],
 }
 # Strings that no string key may take: line breaks, terminal escapes, NUL, surrogates (as YAML escapes).

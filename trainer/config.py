@@ -136,6 +136,10 @@ class OptimConfig:
     # (linear or sqrt; trainer/optim.py). 0: they are used as given at any batch.
     reference_batch: int = 0
     lr_scaling: str = "linear"
+    # Which parameters skip weight decay (docs/models.md §9): "ndim", every tensor under 2 dims (SLIP's and
+    # open_clip's CLIP, MAE); "no-embeddings", also the position, class and token embeddings and the MAP probe
+    # (FLIP's exclude_wd, M3AE's no_decay_list).
+    decay_rule: str = "ndim"
 
 
 @dataclass
@@ -644,6 +648,7 @@ def _validate_optim(o: OptimConfig) -> None:
     _range("optim.warmup_steps", o.warmup_steps, 0, 1 << 30)
     _range("optim.reference_batch", o.reference_batch, 0, 1 << 40)
     _choice("optim.lr_scaling", o.lr_scaling, ("linear", "sqrt"))
+    _choice("optim.decay_rule", o.decay_rule, ("ndim", "no-embeddings"))
 
 
 def _validate_train(t: TrainConfig, d: DataConfig) -> None:

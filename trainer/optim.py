@@ -44,10 +44,10 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
-    """AdamW over ``parameter_groups`` (decay on matrices only) with the config's betas and eps.
+    """AdamW over ``parameter_groups`` (by ``optim.decay_rule``) with the config's betas and eps.
 
     ``fused``: one kernel for the whole update (about 6x faster than foreach on CPU, bench/README.md); FSDP2's
     sharded parameters need the foreach path.
     """
-    return torch.optim.AdamW(parameter_groups(model, optim.weight_decay), lr=optim.lr,
+    return torch.optim.AdamW(parameter_groups(model, optim.weight_decay, optim.decay_rule), lr=optim.lr,
                              betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
