@@ -162,6 +162,34 @@ def test_our_model_exports_into_open_clip() -> None:
     assert_same_embeddings(ours, reference, images, tokens)
 
 
+def test_quickgelu_weights_need_the_quickgelu_switch_to_match() -> None:
+    """OpenAI's weights (open_clip's ``-quickgelu`` models) were trained with QuickGELU: with ``quick_gelu`` they
+    give open_clip's embeddings, and read with our exact GELU they do not (which nothing in the weights shows)."""
+    torch.manual_seed(5)
+    reference = open_clip.model.CLIP(
+        embed_dim=16, quick_gelu=True,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=24),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=10, vocab_size=60, width=64, heads=1, layers=2),
+    )
+    perturb(reference, seed=5)
+    images = torch.randn(2, 3, 24, 24)
+    tokens = make_tokens(2, 10, 60, torch.Generator().manual_seed(5))
+    ours = from_open_clip(reference.state_dict(), vision_heads=1, quick_gelu=True)
+    assert ours.visual.blocks[0].mlp.activation is not torch.nn.functional.gelu
+    assert_same_embeddings(ours, reference, images, tokens)
+    exact = from_open_clip(reference.state_dict(), vision_heads=1).eval()
+    with torch.no_grad():
+        assert (exact.encode_image(images) - ours.encode_image(images)).abs().max() > 1e-3
+    # And back: the export loads into open_clip's QuickGELU model and computes the same there.
+    again = open_clip.model.CLIP(
+        embed_dim=16, quick_gelu=True,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=24),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=10, vocab_size=60, width=64, heads=1, layers=2),
+    )
+    again.load_state_dict(to_open_clip(ours), strict=True)
+    assert_same_embeddings(ours, again, images, tokens)
+
+
 def test_half_precision_round_trip_keeps_dtype() -> None:
     reference = open_clip.model.CLIP(
         embed_dim=8,

@@ -57,6 +57,9 @@ class ModelConfig:
     vocab_size: int = 49408
     text_pool: str = "eot"
     mlp_ratio: float = 4.0
+    # The towers' MLP activation: exact GELU, or OpenAI CLIP's QuickGELU for weights trained with it (OpenAI's
+    # checkpoints, open_clip's ``*-quickgelu`` models; trainer/models/interop.py).
+    quick_gelu: bool = False
     embed_dim: int = 512
     # CLIP's temperature: learnable, initialised at 1/0.07 and capped at 100 (Radford et al. 2021; open_clip).
     logit_scale_init: float = 1 / 0.07

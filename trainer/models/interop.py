@@ -70,7 +70,8 @@ def _heads(width: int, explicit: int | None, tower: str) -> int:
 
 
 def infer_config(
-    state_dict: dict[str, torch.Tensor], vision_heads: int | None = None, text_heads: int | None = None
+    state_dict: dict[str, torch.Tensor], vision_heads: int | None = None, text_heads: int | None = None,
+    quick_gelu: bool = False,
 ) -> ModelConfig:
     """The ``clip`` ``ModelConfig`` of an open_clip ViT CLIP state dict, read from the tensor shapes.
 
@@ -83,6 +84,8 @@ def infer_config(
     Settings that leave no trace in the weights are assumed at open_clip's CLIP defaults: CLS pooling
     (``pool_type='tok'``), argmax text pooling, the causal text mask, pre-pool ``ln_post``. A state dict of a
     model configured otherwise (``pool_type='avg'``, ``no_causal_mask``, ...) loads, but embeds differently.
+    So does the activation: OpenAI's weights and open_clip's ``*-quickgelu`` models were trained with QuickGELU,
+    which only ``quick_gelu=True`` reproduces (the weights cannot tell).
     """
     try:
         patch_embed = state_dict["visual.conv1.weight"]
@@ -112,19 +115,22 @@ def infer_config(
         context_length=context_length,
         vocab_size=vocab_size,
         mlp_ratio=vision_hidden / vision_width,
+        quick_gelu=quick_gelu,
         embed_dim=embed_dim,
     )
 
 
 def from_open_clip(
-    state_dict: dict[str, torch.Tensor], vision_heads: int | None = None, text_heads: int | None = None
+    state_dict: dict[str, torch.Tensor], vision_heads: int | None = None, text_heads: int | None = None,
+    quick_gelu: bool = False,
 ) -> ClipObjective:
-    """Our ``clip`` model holding the weights of an open_clip ViT CLIP (see ``infer_config`` for the heads).
+    """Our ``clip`` model holding the weights of an open_clip ViT CLIP (see ``infer_config`` for the heads, and
+    ``quick_gelu`` for OpenAI-trained weights: ``open_clip.create_model("ViT-B-32-quickgelu", ...)``).
 
     The model takes the state dict's dtype, so ``to_open_clip`` gives the same tensors back. Keys open_clip
     has and we do not (attention pooling, layer scale, ...) raise ``ValueError`` rather than being dropped.
     """
-    cfg = infer_config(state_dict, vision_heads, text_heads)
+    cfg = infer_config(state_dict, vision_heads, text_heads, quick_gelu)
     model = ClipObjective(cfg)
     ours_by_theirs = {open_clip_name(name): name for name in model.state_dict()}
     unknown = sorted(set(state_dict) - set(ours_by_theirs))
@@ -147,7 +153,8 @@ def to_open_clip(model: ClipObjective) -> dict[str, torch.Tensor]:
     counterpart there and is left out). Loads with ``strict=True`` into the open_clip model of the same shape.
 
     Only models that open_clip computes the same way are accepted: CLS image pooling, EOT text pooling and a
-    causal text tower. Fixed sin-cos image positions export as values of open_clip's learned table.
+    causal text tower. Fixed sin-cos image positions export as values of open_clip's learned table. A model
+    with ``quick_gelu`` needs open_clip's ``CLIP(..., quick_gelu=True)`` to compute the same.
     """
     visual, text = model.visual, model.text
     if visual.pool != "cls" or text.pooler is not None or not text.causal:

@@ -40,6 +40,7 @@ def vision_tower(cfg: ModelConfig, projected: bool) -> VisionTransformer:
         pool=cfg.image_pool,
         pos_embed=cfg.pos_embed,
         map_heads=cfg.map_heads,
+        quick_gelu=cfg.quick_gelu,
     )
 
 
@@ -108,6 +109,7 @@ class ClipObjective(nn.Module):
             pool=cfg.text_pool,
             causal=cfg.text_causal,
             map_heads=cfg.map_heads,
+            quick_gelu=cfg.quick_gelu,
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
 

@@ -46,13 +46,14 @@ class TextTransformer(nn.Module):
         pool: str,
         causal: bool = True,
         map_heads: int = 0,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         self.context_length = context_length
         self.causal = causal
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = make_blocks(width, layers, heads, mlp_ratio)
+        self.blocks = make_blocks(width, layers, heads, mlp_ratio, quick_gelu)
         self.ln_final = nn.LayerNorm(width)
         self.pooler = None if pool == "eot" else make_pooler(pool, width, map_heads or heads)
         self.proj = nn.Linear(width, embed_dim, bias=False)

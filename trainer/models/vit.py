@@ -7,7 +7,7 @@ ours. Our names, with open_clip's in brackets:
 - ``cls_token`` (``class_embedding``) and ``pos_embed`` (``positional_embedding``), then ``ln_pre``.
 - ``blocks.i``: pre-norm residual blocks (``transformer.resblocks.i``). Each has ``ln_1``, a fused
   ``attn.in_proj`` (``attn.in_proj_weight``/``_bias``), ``attn.out_proj``, ``ln_2``, and ``mlp.c_fc`` /
-  ``mlp.c_proj`` with an exact GELU between them.
+  ``mlp.c_proj`` with an exact GELU between them (QuickGELU with ``quick_gelu``, for OpenAI-trained weights).
 - ``ln_post``, then ``proj``: a bias-free Linear whose weight is open_clip's ``proj`` transposed.
 """
 
@@ -62,25 +62,32 @@ class Attention(nn.Module):
         return self.out_proj(attended.transpose(1, 2).reshape(batch, length, width))
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """OpenAI CLIP's activation, x·sigmoid(1.702x): what its checkpoints (open_clip's ``-quickgelu`` models) were
+    trained with, close to but not the exact GELU."""
+    return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int) -> None:
+    def __init__(self, width: int, hidden: int, quick: bool = False) -> None:
         super().__init__()
         self.c_fc = nn.Linear(width, hidden)
         self.c_proj = nn.Linear(hidden, width)
+        self.activation = quick_gelu if quick else F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x)))
+        return self.c_proj(self.activation(self.c_fc(x)))
 
 
 class Block(nn.Module):
     """Pre-norm residual block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), quick_gelu)
 
     def forward(
         self, x: torch.Tensor, causal: bool = False, valid: torch.Tensor | None = None
@@ -89,7 +96,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def make_blocks(width: int, layers: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+def make_blocks(width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool = False) -> nn.ModuleList:
     """The block stack, initialised as in open_clip's ``TextTransformer.init_parameters``.
 
     The stds are: attention in-projection width^-0.5, MLP c_fc (2·width)^-0.5, and both output projections
@@ -97,7 +104,7 @@ def make_blocks(width: int, layers: int, heads: int, mlp_ratio: float) -> nn.Mod
     the same scheme in every stack, decoders included. open_clip leaves its vision blocks at PyTorch's
     defaults.
     """
-    blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
+    blocks = nn.ModuleList(Block(width, heads, mlp_ratio, quick_gelu) for _ in range(layers))
     proj_std = width**-0.5 * (2 * layers) ** -0.5
     for block in blocks:
         nn.init.normal_(block.attn.in_proj.weight, std=width**-0.5)
@@ -131,6 +138,7 @@ class VisionTransformer(nn.Module):
         pool: str,
         pos_embed: str = "learned",
         map_heads: int = 0,
+        quick_gelu: bool = False,
     ) -> None:
         super().__init__()
         grid = image_size // patch_size
@@ -145,7 +153,7 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = nn.Parameter(scale * torch.randn(self.num_patches + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = make_blocks(width, layers, heads, mlp_ratio)
+        self.blocks = make_blocks(width, layers, heads, mlp_ratio, quick_gelu)
         self.ln_post = nn.LayerNorm(width)
         self.pooler = None if pool == "cls" else make_pooler(pool, width, map_heads or heads)
         self.proj = None if embed_dim is None else nn.Linear(width, embed_dim, bias=False)
