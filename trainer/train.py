@@ -9,7 +9,6 @@ before the update, saves nothing and records ``diverged.json`` in the run URL fo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -31,10 +30,11 @@ from trainer import checkpoint, storage, tracking
 from trainer.agent import STOPPED_FILE
 from trainer.config import Config, ConfigError, load_config, to_yaml
 from trainer.data.loader import build_train_loader
-from trainer.models import build_model
+from trainer.models import ClipObjective, build_model
 from trainer.models.flops import flops_per_sample, mfu
 from trainer.models.vit import Block
 from trainer.optim import at_batch, build_optimizer, lr_at
+from trainer.step import gradient_sync, train_step
 
 log = logging.getLogger("trainer.train")
 # Written into the run URL when the loss is not finite; read by the launcher (pipelines/cli.py).
@@ -219,15 +219,6 @@ def parallelize(model: torch.nn.Module, config: Config, world_size: int) -> torc
     return model
 
 
-def _sync_gradients(module: torch.nn.Module, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
-    if isinstance(module, DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # FSDP2
-        module.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
-
-
 def train(config: Config) -> None:
     rank, world_size, device = setup_distributed()
     stop = StopSignal()
@@ -238,6 +229,7 @@ def train(config: Config) -> None:
     global_batch = config.data.batch_size * world_size * micro_steps
     torch.manual_seed(cfg_t.seed)  # identical initial weights on every rank
     model = build_model(config.model).to(device)
+    contrastive = isinstance(model, ClipObjective)  # its loss is over the whole global batch (trainer.step)
     module = parallelize(model, config, world_size)
     optim = at_batch(config.optim, global_batch)  # the published rates, scaled to this run's global batch
     optimizer = build_optimizer(model, optim, fused=cfg_t.parallelism != "fsdp" or world_size == 1)
@@ -267,8 +259,9 @@ def train(config: Config) -> None:
         except Exception as err:  # tracking is never a reason not to train
             log.warning("MLflow unavailable (%s); training without tracking", err)
         where = f"step {start} from {resumed.url}" if resumed else "scratch"
+        negatives = f", {global_batch} pairs per contrastive loss" if contrastive else ""
         print(f"[train] {config.name}: {world_size} rank(s) x {micro_steps} micro-batch(es), global batch "
-              f"{global_batch}, from {where}", flush=True)
+              f"{global_batch}{negatives}, from {where}", flush=True)
         if config.optim.reference_batch:
             print(f"[train] lr {config.optim.lr:.3g} at batch {config.optim.reference_batch} -> {optim.lr:.3g} at "
                   f"batch {global_batch} ({config.optim.lr_scaling} scaling)", flush=True)
@@ -285,19 +278,15 @@ def train(config: Config) -> None:
         lr = lr_at(step, optim, cfg_t.schedule_steps or cfg_t.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        totals: dict[str, torch.Tensor] = {}
-        for micro in range(micro_steps):
+        micro_batches = []
+        for _ in range(micro_steps):
             fetch_start = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch_start
             audit.record(step + 1, batch["key"])
-            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            with _sync_gradients(module, micro == micro_steps - 1):
-                with autocast:  # the forward only: backward runs each op in the dtype its forward used
-                    losses = forward(inputs)
-                (losses["loss"] / micro_steps).backward()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0) + value.detach() / micro_steps
+            micro_batches.append({k: v.to(device, non_blocking=True) for k, v in batch.items()
+                                  if isinstance(v, torch.Tensor)})
+        totals = train_step(forward, micro_batches, gradient_sync(module), autocast, device, contrastive)
         # Checked every step, before the update: a diverged state is never stepped into, saved or resumed from.
         loss = totals["loss"].item()
         stopping, diverged = stop.agreed(not math.isfinite(loss))
@@ -316,6 +305,8 @@ def train(config: Config) -> None:
             steps_in_window = step - max(start, step - cfg_t.log_every) or 1
             samples_per_s = steps_in_window * global_batch / elapsed
             metrics = {f"train/{k}": v.item() for k, v in totals.items()}
+            if contrastive:  # what the loss contrasts each pair with: the global batch, accumulated or not
+                metrics["train/contrastive_batch"] = global_batch
             metrics |= {
                 "train/lr": lr,
                 "train/samples_per_s": samples_per_s,

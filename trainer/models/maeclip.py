@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import ModelConfig
-from trainer.models.losses import clip_loss
 from trainer.models.masking import (
     random_keep_indices,
     similarity_keep_indices,
@@ -61,7 +60,7 @@ class MaeClipObjective(ClipObjective):
                 patches, text_features, cfg.image_mask_ratio, cfg.mask_noise, cfg.similarity_mask == "most"
             )
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], split: bool = False) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         images, tokens = batch["image"], batch["tokens"]
         unmasked = cfg.contrastive_input == "unmasked"
@@ -77,8 +76,6 @@ class MaeClipObjective(ClipObjective):
         keep, restore = self.image_keep_indices(images, full, text_features)
         latent = self.visual.forward_tokens(images, keep)
         image_features = F.normalize(self.visual.head(latent if full is None else full).float(), dim=-1)
-        scale = self.scale()
-        losses = {"loss_contrastive": clip_loss(image_features, text_features, scale)}
 
         pixels, hidden = self.decoder(
             self.image_decoder_embed(latent),
@@ -88,9 +85,9 @@ class MaeClipObjective(ClipObjective):
             text_restore,
             kept_valid,
         )
-        losses["loss_pixel"] = pixel_loss(cfg, pixels, images, keep)
-        total = losses["loss_contrastive"] + cfg.image_loss_weight * losses["loss_pixel"]
+        losses = {"loss_pixel": pixel_loss(cfg, pixels, images, keep)}
+        rest = cfg.image_loss_weight * losses["loss_pixel"]
         if text_mask is not None:
             losses["loss_token"] = token_loss(self.decoder, hidden, tokens, text_mask)
-            total = total + cfg.text_loss_weight * losses["loss_token"]
-        return {"loss": total, **losses, "logit_scale": scale.detach()}
+            rest = rest + cfg.text_loss_weight * losses["loss_token"]
+        return self.output(image_features, text_features, split, losses, rest)

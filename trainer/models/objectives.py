@@ -125,7 +125,27 @@ class ClipObjective(nn.Module):
         """The logit scale s = exp(min(log s, log s_max))."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp()
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def output(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, split: bool,
+        rest: dict[str, torch.Tensor] | None = None, rest_total: torch.Tensor | float = 0.0,
+    ) -> dict[str, torch.Tensor]:
+        """The objective's losses: contrastive + ``rest_total`` (the weighted other terms, named in ``rest``).
+
+        With ``split`` the contrastive loss is not computed here: the output carries its inputs instead
+        (``image_features``, ``text_features``, ``scale``) and the rest as ``loss_rest``, so that a train step
+        accumulating micro-batches can compute one contrastive loss over all of them (``trainer.step``).
+        """
+        scale = self.scale()
+        rest = rest or {}
+        if split:
+            total = torch.as_tensor(rest_total, dtype=torch.float32, device=scale.device)
+            return {"image_features": image_features, "text_features": text_features, "scale": scale,
+                    "loss_rest": total, **rest}
+        contrastive = clip_loss(image_features, text_features, scale)
+        return {"loss": contrastive + rest_total, "loss_contrastive": contrastive, **rest,
+                "logit_scale": scale.detach()}
+
+    def forward(self, batch: dict[str, torch.Tensor], split: bool = False) -> dict[str, torch.Tensor]:
         images = batch["image"]
         keep_idx = None
         if self.training and self.mask_ratio > 0:
@@ -133,10 +153,7 @@ class ClipObjective(nn.Module):
                 images.shape[0], self.visual.num_patches, self.mask_ratio, device=images.device
             )
         image_features = F.normalize(self.visual(images, keep_idx).float(), dim=-1)
-        text_features = self.encode_text(batch["tokens"])
-        scale = self.scale()
-        loss = clip_loss(image_features, text_features, scale)
-        return {"loss": loss, "loss_contrastive": loss, "logit_scale": scale.detach()}
+        return self.output(image_features, self.encode_text(batch["tokens"]), split)
 
 
 class MaeObjective(nn.Module):
