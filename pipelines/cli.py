@@ -54,11 +54,36 @@ def _cmd_data_ingest(args: argparse.Namespace) -> None:
     print(json.dumps(ingest_source(args.src, args.out, on_error=args.on_error, workers=args.workers, **options)))
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
-    from trainer.launch import run_training
+# The flags of a Kubernetes training job (trainer.cluster.Cluster), by their setting names. `pipeline` has all
+# but the service account: its --service-account is the pipeline run's, and training pods keep maeclip-trainer.
+TRAIN_CLUSTER_FLAGS = ("image", "namespace", "queue", "service_account", "priority_class", "cpu", "memory_mb",
+                       "gpus", "shm_mb", "max_retries")
+PIPELINE_CLUSTER_FLAGS = tuple(name for name in TRAIN_CLUSTER_FLAGS if name != "service_account")
 
+
+def _cluster_settings(args: argparse.Namespace, names: Sequence[str]) -> dict:
+    """The cluster flags ``names`` that were given, as ``Cluster.from_dict`` takes them."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    import yaml
+
+    from trainer.cluster import Cluster
+    from trainer.launch import dryrun_training, run_training
+
+    settings = _cluster_settings(args, TRAIN_CLUSTER_FLAGS)
+    if args.scheduler != "kubernetes" and (settings or args.dryrun):
+        given = "--dryrun" if args.dryrun else "--" + next(iter(settings)).replace("_", "-")
+        raise UsageError(f"{given} applies to --scheduler kubernetes; {args.scheduler} runs on this machine")
+    cluster = Cluster.from_dict(settings)
+    if args.dryrun:  # what would be submitted, and nothing is
+        print(yaml.safe_dump(dryrun_training(args.config, args.overrides, nnodes=args.nnodes,
+                                             nproc_per_node=args.nproc_per_node, cluster=cluster), sort_keys=False),
+              end="")
+        return
     print(run_training(args.config, args.overrides, nnodes=args.nnodes, nproc_per_node=args.nproc_per_node,
-                       scheduler=args.scheduler))
+                       scheduler=args.scheduler, cluster=cluster))
 
 
 def _resolve_checkpoint(url: str) -> str:
@@ -142,6 +167,7 @@ def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
     ``$MLFLOW_TRACKING_URI`` of their pods. A study is planned here, so every variant's config is validated
     (and a study without its baseline refused) before kfp starts anything.
     """
+    from trainer.cluster import Cluster
     from trainer.tracking import default_tracking_uri
 
     study = args.pipeline == "study"
@@ -153,12 +179,15 @@ def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
 
         check_corpus_target(args.corpus, data_url)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    cluster = _cluster_settings(args, PIPELINE_CLUSTER_FLAGS)
+    Cluster.from_dict(cluster)  # a bad setting is refused here, before kfp starts anything
+    image = cluster.pop("image", None)  # the pipeline's image parameter: its steps and the training job run it
     given = {
         "corpus": args.corpus, "data_url": data_url, "source_url": args.source_url,
         "source_format": args.source_format,
         "tracking_uri": args.tracking_uri or (config.tracking.uri or default_tracking_uri() if local else None),
         "nnodes": args.nnodes, "nproc_per_node": args.nproc_per_node, "scheduler": args.scheduler,
-        "n_train": args.n_train, "n_eval": args.n_eval,
+        "n_train": args.n_train, "n_eval": args.n_eval, "image": image,
     }
     if study:
         from pipelines.study import plan_study
@@ -169,7 +198,8 @@ def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
             variants = plan_study(args.arms or ["clip", "maeclip"], args.pools or ["cls", "gap"],
                                   args.data_sizes or [0], args.seeds or [0], preset_pattern=preset,
                                   overrides=list(args.overrides), runs_url=runs_url, experiment=name,
-                                  model_name="maeclip-study", suite=args.suite or "", policy=_policy(args.policy))
+                                  model_name="maeclip-study", suite=args.suite or "", policy=_policy(args.policy),
+                                  cluster=cluster)
         except ValueError as err:
             raise UsageError(str(err)) from err
         given |= {"study_name": name, "experiment": name, "runs_url": runs_url, "variants": variants}
@@ -178,7 +208,7 @@ def _pipeline_arguments(args: argparse.Namespace, local: bool) -> dict:
 
         objective = config.model.objective  # mae and m3ae are gated on probes, the others zero-shot
         given |= {"preset": preset, "overrides": list(args.overrides), "suite": args.suite or suite_for(objective),
-                  "gate_policy": _policy(args.policy) or policy_for(objective),
+                  "gate_policy": _policy(args.policy) or policy_for(objective), "cluster": cluster or None,
                   "run_url": normalize_url(args.run_url or f".maeclip/runs/{config.name}-{stamp}", "--run-url")}
     return {k: v for k, v in given.items() if v is not None}
 
@@ -310,11 +340,29 @@ def build_parser() -> argparse.ArgumentParser:
                        help="preset name or YAML path")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    def add_cluster_args(p: argparse.ArgumentParser) -> None:
+        """Where and with what a Kubernetes training job runs; unset: k8s/base's names, resources derived from
+        --nproc-per-node and data.num_workers (k8s/README.md, "Training pods")."""
+        p.add_argument("--image", default=None, help="kubernetes: image of the training job")
+        p.add_argument("--namespace", default=None, help="kubernetes: namespace (default maeclip)")
+        p.add_argument("--queue", default=None, help="kubernetes: Volcano queue (default maeclip)")
+        p.add_argument("--priority-class", default=None, help="kubernetes: maeclip-train or maeclip-study")
+        p.add_argument("--cpu", type=int, default=None, help="kubernetes: CPUs per pod")
+        p.add_argument("--memory-mb", type=int, default=None, help="kubernetes: memory per pod, MB (with /dev/shm)")
+        p.add_argument("--gpus", type=int, default=None, help="kubernetes: GPUs per pod (default --nproc-per-node)")
+        p.add_argument("--shm-mb", type=int, default=None, help="kubernetes: size of /dev/shm per pod, MB")
+        p.add_argument("--max-retries", type=int, default=None,
+                       help="kubernetes: Volcano restarts of the job after an evicted or failed pod (default 3)")
+
     train = sub.add_parser("train", help="launch training through TorchX")
     add_config_args(train)
     train.add_argument("--nnodes", default="1", help="nodes, or MIN:MAX for elastic")
     train.add_argument("--nproc-per-node", type=int, default=2)
     train.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler (local_cwd, kubernetes)")
+    train.add_argument("--dryrun", action="store_true",
+                       help="kubernetes: print the Volcano job that would be submitted, and submit nothing")
+    train.add_argument("--service-account", default=None, help="kubernetes: service account of the training pods")
+    add_cluster_args(train)
     train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a checkpoint (or a run's newest one)")
@@ -368,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--scheduler", default=None, help="TorchX scheduler (local_cwd, kubernetes)")
     pipeline.add_argument("--nnodes", default=None, help="nodes, or MIN:MAX for elastic")
     pipeline.add_argument("--nproc-per-node", type=int, default=None, help="processes (GPUs) per node")
+    add_cluster_args(pipeline)
     pipeline.add_argument("--suite", default=None, help="evaluation suite after each segment")
     pipeline.add_argument("--policy", default=None, help="gate policy YAML/JSON (default: colour top-1 ≥ 0.3)")
     pipeline.add_argument("--n-train", type=int, default=None, help="shapes corpus training samples")

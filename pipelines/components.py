@@ -56,11 +56,15 @@ def train_segment(
     segment: int,
     segments: int,
     image: str,
+    cluster: dict = {},  # noqa: B006 - kfp takes defaults from the signature
 ) -> str:
     """Train segment ``segment`` of ``segments`` through TorchX (logs streamed; fails when the job fails).
 
-    Resumes from the run's newest committed checkpoint; returns the checkpoint the segment ended on.
+    Resumes from the run's newest committed checkpoint; returns the checkpoint the segment ended on. On
+    ``kubernetes`` the job runs ``image`` with the ``cluster`` settings (``trainer.cluster.Cluster``: priority
+    class, resources per pod, retries; unset ones are k8s/base's or derived).
     """
+    from trainer.cluster import Cluster
     from trainer.launch import run_training_segment
 
     return run_training_segment(
@@ -71,7 +75,7 @@ def train_segment(
         nnodes=nnodes,
         nproc_per_node=nproc_per_node,
         scheduler=scheduler,
-        image=image,
+        cluster=Cluster.from_dict({**cluster, "image": image}),
     )
 
 

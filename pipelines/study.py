@@ -10,8 +10,8 @@ A study is a controlled experiment (docs/study.md):
 - the report takes each variant's final checkpoint, so nothing is selected on the split that is reported.
 
 Variants are planned before the run (``plan_study``): each ParallelFor item carries its preset, overrides, run
-URL, gate policy and suite, so the grid needs no planning step of its own at run time. (No postponed
-annotations here: kfp reads the pipeline functions' type hints.)
+URL, gate policy, suite and its training job's cluster settings, so the grid needs no planning step of its own
+at run time. (No postponed annotations here: kfp reads the pipeline functions' type hints.)
 """
 
 from collections.abc import Sequence
@@ -25,6 +25,7 @@ from pipelines import components
 from pipelines.train_eval import DEFAULT_PLATFORM, Platform
 from trainer import storage
 from trainer.arms import BASELINE
+from trainer.cluster import PREEMPTIBLE_PRIORITY_CLASS
 from trainer.config import load_config
 
 
@@ -35,8 +36,10 @@ def grid(arms: Sequence[str], pools: Sequence[str], data_sizes: Sequence[int], s
 
 
 def plan_variant(variant: dict[str, Any], *, preset_pattern: str, overrides: Sequence[str], runs_url: str,
-                 experiment: str, model_name: str, suite: str = "", policy: dict | None = None) -> dict[str, Any]:
-    """What one grid point trains and how it is gated: preset, overrides, run URL, policy, suite.
+                 experiment: str, model_name: str, suite: str = "", policy: dict | None = None,
+                 cluster: dict | None = None) -> dict[str, Any]:
+    """What one grid point trains and how it is gated: preset, overrides, run URL, policy, suite, and the
+    ``cluster`` settings of its training job (``trainer.cluster.Cluster``).
 
     The arm, pooling, data size and seed only ever enter as those four settings, so variants of a study
     differ in nothing else. The policy and suite follow the arm's objective (``evaluators.policies``: mae and
@@ -56,6 +59,8 @@ def plan_variant(variant: dict[str, Any], *, preset_pattern: str, overrides: Seq
         "model_name": f"{model_name}-{name}",
         "policy": policy or policy_for(objective),
         "suite": suite or suite_for(objective),
+        # many, short and resumable: on a cluster, preempted first (and on spot nodes) unless the study says so
+        "cluster": {"priority_class": PREEMPTIBLE_PRIORITY_CLASS, **(cluster or {})},
     }
 
 
@@ -72,24 +77,26 @@ def _variant_chain(segments: int, platform: Platform):
 
     @dsl.pipeline(name=f"variant-{segments}-segments")
     def chain(preset: str, overrides: list, data_url: str, run_url: str, tracking_uri: str, nnodes: str,
-              nproc_per_node: int, scheduler: str, image: str, suite: str, gate_policy: dict, model_name: str,
-              variant: dict) -> str:
+              nproc_per_node: int, scheduler: str, image: str, cluster: dict, suite: str, gate_policy: dict,
+              model_name: str, variant: dict) -> str:
         previous = None
         for segment in range(1, segments + 1):
+            # a retry resumes a stopped or failed job from its newest checkpoint
             trained = platform.apply(components.train_segment(
                 preset=preset, overrides=overrides, data_url=data_url, run_url=run_url, tracking_uri=tracking_uri,
                 nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, segment=segment,
-                segments=segments, image=image), image).set_retry(num_retries=2)  # resumes a stopped job
+                segments=segments, image=image, cluster=cluster), image).set_retry(num_retries=2)
             if previous is not None:
                 trained.after(previous)
             evaluated = platform.apply(components.evaluate(
                 checkpoint_url=trained.output, suite=suite, tracking_uri=tracking_uri), image, gpu=True)
-            previous = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image)
+            previous = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image,
+                                      gate=True)
             for task in (trained, evaluated, previous):
                 task.set_caching_options(False)  # side effects: checkpoints, markers, MLflow
         registered = components.register(run_url=run_url, policy=gate_policy, model_name=model_name,
                                          tracking_uri=tracking_uri, variant=variant).after(previous)
-        return platform.apply(registered, image).set_caching_options(False).output
+        return platform.apply(registered, image, gate=True).set_caching_options(False).output
 
     return chain
 
@@ -130,7 +137,8 @@ def make_study(segments: int = 1, platform: Platform = DEFAULT_PLATFORM):
             # item; the corpus step returns data_url unchanged, and every variant starts after it.
             chained = chain(preset=planned.preset, overrides=planned.overrides, data_url=data_url,
                             run_url=planned.run_url, tracking_uri=tracking_uri, nnodes=nnodes,
-                            nproc_per_node=nproc_per_node, scheduler=scheduler, image=image, suite=planned.suite,
+                            nproc_per_node=nproc_per_node, scheduler=scheduler, image=image,
+                            cluster=planned.cluster, suite=planned.suite,
                             gate_policy=planned.policy, model_name=planned.model_name,
                             variant=planned.variant).after(prepared, opened)
         compared = components.report(records=dsl.Collected(chained.output), tracking_uri=tracking_uri,

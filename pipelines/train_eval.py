@@ -26,9 +26,11 @@ class Platform:
 
     Evaluation steps go to GPU nodes (node selector, toleration of the GPU taint, accelerator count) with a
     memory-backed /dev/shm for data-loader workers; training steps only launch the TorchX job, whose pods
-    Volcano schedules (``trainer/components.py``), so they hold no GPU. Every step gets the image (a
-    pipeline parameter, which the TorchX training job runs too) and the secrets mapped to environment
-    variables (e.g. storage credentials).
+    Volcano schedules (``trainer/cluster.py``), so they hold no GPU. Every step gets the image (a
+    pipeline parameter, which the TorchX training job runs too), the secrets mapped to environment
+    variables (e.g. storage credentials) and an MLflow identity: the gate's for the steps that gate and
+    register, the one every other step shares for the rest, so that only the gate can move registry aliases
+    (k8s/README.md, "Identities").
     """
 
     gpu_node_selector: dict[str, str] = field(
@@ -42,12 +44,20 @@ class Platform:
     secrets: dict[str, dict[str, str]] = field(default_factory=lambda: {
         "maeclip-storage": {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
                             "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}})
+    # The MLflow users of the pipeline's steps and of its gate: Secrets with keys username and password in the
+    # pipeline's namespace; required, since the MLflow server refuses anonymous clients.
+    tracking_secret: str = "mlflow-pipeline"
+    gate_tracking_secret: str = "mlflow-gate"
 
-    def apply(self, task: dsl.PipelineTask, image, *, gpu: bool = False) -> dsl.PipelineTask:
-        """Set image and secrets on ``task``; with ``gpu``, also GPU nodes, accelerators and /dev/shm."""
+    def apply(self, task: dsl.PipelineTask, image, *, gpu: bool = False, gate: bool = False) -> dsl.PipelineTask:
+        """Set image, secrets and MLflow identity (with ``gate``, the gate's) on ``task``; with ``gpu``, also GPU
+        nodes, accelerators and /dev/shm."""
         task.set_container_image(image)
         for name, keys in self.secrets.items():
             kubernetes.use_secret_as_env(task, secret_name=name, secret_key_to_env=keys, optional=True)
+        kubernetes.use_secret_as_env(task, secret_name=self.gate_tracking_secret if gate else self.tracking_secret,
+                                     secret_key_to_env={"username": "MLFLOW_TRACKING_USERNAME",
+                                                        "password": "MLFLOW_TRACKING_PASSWORD"})
         if gpu:
             task.set_accelerator_type(self.accelerator_type).set_accelerator_limit(self.gpus)
             for label, value in self.gpu_node_selector.items():
@@ -67,16 +77,17 @@ def _segment_pipeline(segment: int, segments: int, platform: Platform):
 
     @dsl.pipeline(name=f"segment-{segment}-of-{segments}")
     def chain(preset: str, overrides: list, data_url: str, run_url: str, tracking_uri: str, nnodes: str,
-              nproc_per_node: int, scheduler: str, image: str, suite: str, gate_policy: dict,
+              nproc_per_node: int, scheduler: str, image: str, cluster: dict, suite: str, gate_policy: dict,
               model_name: str) -> str:
         trained = platform.apply(components.train_segment(
             preset=preset, overrides=overrides, data_url=data_url, run_url=run_url, tracking_uri=tracking_uri,
             nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, segment=segment,
-            segments=segments, image=image), image).set_retry(num_retries=2)
+            segments=segments, image=image, cluster=cluster), image).set_retry(num_retries=2)
         # a launcher (TorchX schedules the training job's pods); a retry resumes a stopped or failed job
         evaluated = platform.apply(components.evaluate(
             checkpoint_url=trained.output, suite=suite, tracking_uri=tracking_uri), image, gpu=True)
-        gated = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image)
+        gated = platform.apply(components.gate(checkpoint_url=evaluated.output, policy=gate_policy), image,
+                               gate=True)
         for task in (trained, evaluated, gated):
             task.set_caching_options(False)  # side effects: checkpoints, markers, MLflow
         with dsl.If(gated.output == True, name="gate-passed"):  # noqa: E712 - a kfp condition, not a bool test
@@ -85,8 +96,8 @@ def _segment_pipeline(segment: int, segments: int, platform: Platform):
             else:
                 done = rest(preset=preset, overrides=overrides, data_url=data_url, run_url=run_url,
                             tracking_uri=tracking_uri, nnodes=nnodes, nproc_per_node=nproc_per_node,
-                            scheduler=scheduler, image=image, suite=suite, gate_policy=gate_policy,
-                            model_name=model_name)
+                            scheduler=scheduler, image=image, cluster=cluster, suite=suite,
+                            gate_policy=gate_policy, model_name=model_name)
         with dsl.Else(name="gate-failed"):
             stopped = _register(platform, image, run_url, gate_policy, model_name, tracking_uri)
         return dsl.OneOf(done.output, stopped.output)
@@ -97,7 +108,7 @@ def _segment_pipeline(segment: int, segments: int, platform: Platform):
 def _register(platform: Platform, image, run_url, gate_policy, model_name, tracking_uri) -> dsl.PipelineTask:
     task = components.register(run_url=run_url, policy=gate_policy, model_name=model_name,
                                tracking_uri=tracking_uri)
-    return platform.apply(task, image).set_caching_options(False)
+    return platform.apply(task, image, gate=True).set_caching_options(False)
 
 
 def make_chain(segments: int, platform: Platform = DEFAULT_PLATFORM):
@@ -127,6 +138,7 @@ def make_train_eval(segments: int = 2, platform: Platform = DEFAULT_PLATFORM):
         nproc_per_node: int = 2,
         scheduler: str = "local_cwd",
         image: str = components.IMAGE,
+        cluster: dict = {},  # noqa: B006 - trainer.cluster.Cluster settings of the training job
         n_train: int = 4096,
         n_eval: int = 512,
         seed: int = 0,
@@ -139,6 +151,6 @@ def make_train_eval(segments: int = 2, platform: Platform = DEFAULT_PLATFORM):
             n_eval=n_eval, seed=seed), image)
         return chain(preset=preset, overrides=overrides, data_url=prepared.output, run_url=run_url,
                      tracking_uri=tracking_uri, nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
-                     image=image, suite=suite, gate_policy=gate_policy, model_name=model_name).output
+                     image=image, cluster=cluster, suite=suite, gate_policy=gate_policy, model_name=model_name).output
 
     return train_eval

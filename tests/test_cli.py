@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from streaming import MDSWriter
 
 MAECLIP = str(Path(sys.executable).parent / "maeclip")
@@ -78,3 +79,31 @@ def test_eval_without_checkpoint(tmp_path):
 )
 def test_pipeline_usage_errors(tmp_path, args, needles):
     _assert_one_line_error(_run(*args, cwd=tmp_path), *needles)
+
+
+def test_train_dryrun_prints_the_volcano_job_and_submits_nothing(tmp_path):
+    """No cluster and no kubeconfig here: a submission would fail (exit 1). The dry run reads no storage either:
+    vit-b16-maeclip-gap's corpus and run URL are gs:// placeholders."""
+    result = _run("train", "--config", "vit-b16-maeclip-gap", "--scheduler", "kubernetes", "--nnodes", "2:4",
+                  "--nproc-per-node", "8", "--priority-class", "maeclip-study", "--max-retries", "5", "--dryrun",
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = yaml.safe_load(result.stdout)
+    assert (job["kind"], job["metadata"]["namespace"], job["spec"]["maxRetry"]) == ("Job", "maeclip", 5)
+    assert [t["template"]["spec"]["priorityClassName"] for t in job["spec"]["tasks"]] == ["maeclip-study"] * 4
+    assert list(tmp_path.iterdir()) == []  # no run claimed, no tracking store, nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [(["--scheduler", "kubernetes", "--dryrun", "--cpu", "many"], ["argument --cpu: invalid int value: 'many'"]),
+     (["--dryrun"], ["--dryrun applies to --scheduler kubernetes"]),
+     (["--memory-mb", "4096"], ["--memory-mb applies to --scheduler kubernetes"]),
+     (["--scheduler", "kubernetes", "--dryrun", "--service-account", "MLflow"], ["cluster.service_account",
+                                                                              "'MLflow'"]),
+     (["--scheduler", "kubernetes", "--dryrun", "--memory-mb", "4096", "--shm-mb", "4096"], ["cluster.shm_mb"]),
+     (["--scheduler", "kubernetes", "--dryrun", "--max-retries", "-1"], ["cluster.max_retries: -1"]),
+     (["--scheduler", "kubernetes", "--dryrun", "--set", "tracking.uri=sqlite:///m.db"], ["tracking.uri"])],
+)
+def test_bad_cluster_flags_exit_2_with_one_line(tmp_path, args, needles):
+    _assert_one_line_error(_run("train", "--config", "tiny-clip", *args, cwd=tmp_path), *needles)

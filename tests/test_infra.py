@@ -9,28 +9,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from manifests import run, tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TERRAFORM = ROOT / "infra" / "terraform"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
-TOOLS = ROOT / ".venv-tools" / "bin"
-
-
-def tool(name: str) -> str:
-    path = TOOLS / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `bash tests/tools/install.sh`")
-    return str(path)
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
-
 
 def strip(node):
     """Drop the parser's line markers."""

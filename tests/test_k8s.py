@@ -1,12 +1,14 @@
 """The Kubernetes manifests in k8s/: each overlay renders with kustomize, every object validates against the
 Kubernetes API schemas, every pod meets the restricted Pod Security profile, the network policies allow exactly
-the traffic maeclip needs, checkov and yamllint are clean, and the MLflow settings work on a real server.
+the traffic maeclip needs, checkov and yamllint are clean, and the MLflow settings and entry point work on a real
+server: cluster clients are served, anonymous ones refused, and only the gate's identity changes the registry.
 
 The linters run from .venv-tools (tests/tools/install.sh): a missing tool fails, it never skips.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
@@ -24,28 +26,18 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from manifests import VOLCANO, as_pod_templates, crd_validator, kubernetes_validate, run, tool
 from services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-TOOLS = ROOT / ".venv-tools" / "bin"
 OVERLAYS = ("dev", "gke")
 NAMESPACE = "maeclip"
 # The oldest Kubernetes these manifests support (native sidecars are GA in 1.33) and the newest schema set.
 KUBERNETES_VERSIONS = ("1.33.0", "1.37.0")
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "ReplicaSet"}
 TORCHX_POD = {"app.kubernetes.io/managed-by": "torchx.pytorch.org"}
-
-
-def tool(name: str) -> str:
-    path = TOOLS / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing: run `bash tests/tools/install.sh`")
-    return str(path)
-
-
-def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300)
+ADMISSION_KINDS = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")  # cluster-scoped
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +86,8 @@ def test_overlay_renders_every_part(rendered, overlay):
     objects = rendered[overlay]
     kinds = {obj["kind"] for obj in objects}
     assert {"Namespace", "ServiceAccount", "Role", "RoleBinding", "Queue", "PriorityClass", "Deployment",
-            "Service", "ConfigMap", "NetworkPolicy"} <= kinds
-    assert not [obj for obj in objects if obj["kind"] not in {"Namespace", "PriorityClass", "Queue"}
+            "Service", "ConfigMap", "NetworkPolicy", *ADMISSION_KINDS} <= kinds
+    assert not [obj for obj in objects if obj["kind"] not in {"Namespace", "PriorityClass", "Queue", *ADMISSION_KINDS}
                 and obj["metadata"].get("namespace") != NAMESPACE]
     assert all(obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "maeclip" for obj in objects)
     # Postgres runs in the namespace on dev only; gke uses Cloud SQL through the proxy sidecar.
@@ -105,32 +97,10 @@ def test_overlay_renders_every_part(rendered, overlay):
 
 
 def torchx_training_job() -> dict:
-    """The Volcano Job that TorchX submits for maeclip training into this namespace."""
-    from torchx.runner import get_runner
+    """The Volcano Job that maeclip's own launch path renders for training into this namespace (elastic, 1:2)."""
+    from trainer.launch import dryrun_training
 
-    from trainer import components
-
-    app = components.train("tiny-clip", nnodes="1:2", nproc_per_node=1, gpus=1, image="maeclip:0.1.0")
-    cfg = {"queue": "maeclip", "namespace": NAMESPACE, "service_account": "maeclip-trainer",
-           "priority_class": "maeclip-study", "validate_spec": False}
-    with get_runner() as runner:
-        info = runner.dryrun(app, "kubernetes", cfg=cfg, workspace=None)
-    return yaml.safe_load(str(info.request))
-
-
-def kubernetes_validate(tmp: Path, version: str, files: dict[str, list[dict]]) -> tuple[int, str]:
-    paths = []
-    for name, docs in files.items():
-        path = tmp / name
-        path.write_text(yaml.safe_dump_all(docs))
-        paths.append(str(path))
-    result = run(tool("kubernetes-validate"), "-k", version, "--strict", "--quiet", *paths)
-    return result.returncode, result.stdout + result.stderr
-
-
-def as_pod_templates(owner: str, templates: list[dict]) -> list[dict]:
-    return [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{owner}-{i}".lower()},
-             "template": template} for i, template in enumerate(templates)]
+    return dryrun_training("tiny-clip", nnodes="1:2", nproc_per_node=1, environ={})
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -161,6 +131,11 @@ def test_custom_resources_are_known_volcano_kinds(rendered):
         queue = custom[0]
         assert "namespace" not in queue["metadata"]  # Queues are cluster-scoped
         assert queue["spec"] == {"weight": 1, "reclaimable": True}
+        # ... and it is a Queue as Volcano 1.15.1 defines one, to the field
+        schema = crd_validator(VOLCANO / "scheduling.volcano.sh_queues.yaml", "v1beta1")
+        assert [e.message for e in schema.iter_errors(queue)] == []
+        assert [e.message for e in schema.iter_errors({**queue, "spec": {"weigth": 1}})] == [
+            "Additional properties are not allowed ('weigth' was unexpected)"]
 
 
 # ---------------------------------------------------------------- pod security and resources
@@ -217,6 +192,19 @@ def test_namespace_enforces_restricted_and_every_pod_meets_it(rendered, overlay)
     assert specs
     for owner, spec in specs:
         assert restricted_violations(spec) == [], owner
+
+
+def test_training_pods_meet_restricted_with_a_read_only_root_and_their_own_identity():
+    """What TorchX submits passes the namespace's profile, writes only to its emptyDir volumes and runs as the
+    trainer, whose service account the manifests define (and the admission policy requires)."""
+    for task in torchx_training_job()["spec"]["tasks"]:
+        spec = task["template"]["spec"]
+        assert restricted_violations(spec) == []
+        assert spec["serviceAccountName"] == "maeclip-trainer" and spec["automountServiceAccountToken"] is False
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for container in spec["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True
+            assert all("emptyDir" in volumes[m["name"]] for m in container["volumeMounts"])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -460,26 +448,63 @@ def test_yamllint_is_clean(tmp_path):
 # ---------------------------------------------------------------- MLflow settings on a real server
 
 
-def request(url: str, host: str, method: str = "GET", data: bytes | None = None) -> int:
-    """Status of a request sent with the given Host header (as a client in the cluster would send it)."""
+def request(url: str, host: str, method: str = "GET", data: bytes | None = None,
+            user: tuple[str, str] | None = None) -> int:
+    """Status of a request sent with the given Host header (as a client in the cluster would send it), signed in
+    as ``user`` (name, password) when given."""
+    headers = {"Host": host, "Content-Type": "application/json"}
+    if user:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(user).encode()).decode()
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with opener.open(urllib.request.Request(url, data, {"Host": host}, method=method), timeout=10) as response:
+        with opener.open(urllib.request.Request(url, data, headers, method=method), timeout=10) as response:
             return response.status
     except urllib.error.HTTPError as err:
         return err.code
 
 
-def test_mlflow_settings_serve_cluster_clients_and_proxy_artifacts(rendered, tmp_path):
-    """`mlflow server` configured only through the dev overlay's environment, on loopback instead of a pod."""
-    config = next(cm for cm in rendered["dev"] if cm["kind"] == "ConfigMap")["data"]
+def call(base: str, user: tuple[str, str], method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """An MLflow REST call as ``user``: (status, the JSON reply, or {} on an error)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    headers = {"Content-Type": "application/json",
+               "Authorization": "Basic " + base64.b64encode(":".join(user).encode()).decode()}
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        with opener.open(urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data, headers, method=method),
+                         timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, {}
+
+
+# The Secret `mlflow-auth` (k8s/README.md) as the files serve.py reads; values made up per test session.
+AUTH_KEYS = ("admin-password", "flask-secret-key", "trainer-password", "pipeline-password", "gate-password")
+IDENTITIES = {"trainer": "maeclip-trainer", "pipeline": "maeclip-pipeline", "gate": "maeclip-gate"}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(rendered, tmp_path_factory) -> Iterator[tuple[str, dict[str, tuple[str, str]], Path]]:
+    """The MLflow server as the dev overlay runs it: the rendered ConfigMaps' settings and entry point
+    (mlflow/serve.py), on loopback instead of a pod. Yields its URL, each identity's credentials and the
+    artifact folder."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    maps = {cm["metadata"]["name"].rpartition("-")[0]: cm["data"]  # names without kustomize's hash
+            for cm in rendered["dev"] if cm["kind"] == "ConfigMap"}
+    (folder / "serve.py").write_text(maps["mlflow-serve"]["serve.py"])
+    secrets = folder / "secrets"
+    secrets.mkdir()
+    for key in AUTH_KEYS:
+        (secrets / key).write_text(f"{key}-{os.urandom(8).hex()}\n")  # the trailing newline of `kubectl create`
+    users = {who: (name, (secrets / f"{who}-password").read_text().strip()) for who, name in IDENTITIES.items()}
     port = free_port()
-    artifacts = tmp_path / "artifacts"
-    env = {**os.environ, **config, "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "HOME": str(tmp_path),
-           "MLFLOW_WORKERS": "1",  # one worker starts faster on a 2-core runner
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    artifacts = folder / "artifacts"
+    env = {**os.environ, **maps["mlflow-config"], "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port),
+           "HOME": str(folder), "MLFLOW_WORKERS": "1",  # one worker starts faster on a 2-core runner
+           "MAECLIP_AUTH_SECRETS": str(secrets), "MAECLIP_AUTH_DIR": str(folder),
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder / 'mlflow.db'}",
            "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts)}
-    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server"], cwd=tmp_path, env=env,
+    server = subprocess.Popen([sys.executable, str(folder / "serve.py")], cwd=folder, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -488,18 +513,60 @@ def test_mlflow_settings_serve_cluster_clients_and_proxy_artifacts(rendered, tmp
             assert server.poll() is None, "mlflow server exited"
             assert time.monotonic() < deadline, "mlflow server did not become healthy"
             with contextlib.suppress(urllib.error.URLError):
-                # The kubelet probes by pod IP, a Host that the allowed list leaves out: /health is exempt.
+                # The kubelet probes by pod IP, a Host that the allowed list leaves out: /health is exempt, and
+                # needs no user.
                 if request(f"{base}/health", "10.0.0.7:5000") == 200:
                     break
             time.sleep(0.5)
-        search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-        assert request(search, "mlflow.maeclip.svc.cluster.local:5000") == 200
-        assert request(search, "mlflow:5000") == 200
-        assert request(search, "attacker.example:5000") == 403
-        # Artifacts go through the server to MLFLOW_ARTIFACTS_DESTINATION (a GCS URL on gke).
-        upload = f"{base}/api/2.0/mlflow-artifacts/artifacts/k8s-test/report.txt"
-        assert request(upload, "mlflow.maeclip:5000", "PUT", b"proxied") == 200
-        assert (artifacts / "k8s-test" / "report.txt").read_text() == "proxied"
+        yield base, users, artifacts
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_mlflow_settings_serve_cluster_clients_and_proxy_artifacts(mlflow_server):
+    base, users, artifacts = mlflow_server
+    search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert request(search, "mlflow.maeclip.svc.cluster.local:5000", user=users["trainer"]) == 200
+    assert request(search, "mlflow:5000", user=users["pipeline"]) == 200
+    assert request(search, "attacker.example:5000", user=users["trainer"]) == 403
+    assert request(search, "mlflow:5000") == 401  # no user, no answer
+    assert request(search, "mlflow:5000", user=("maeclip-trainer", "a guess")) == 401
+    # Artifacts go through the server to MLFLOW_ARTIFACTS_DESTINATION (a GCS URL on gke), into a run's folder.
+    _, experiment = call(base, users["trainer"], "POST", "experiments/create", {"name": "k8s-artifacts"})
+    _, created = call(base, users["trainer"], "POST", "runs/create", {"experiment_id": experiment["experiment_id"]})
+    path = f"{experiment['experiment_id']}/{created['run']['info']['run_id']}/artifacts/report.txt"
+    upload = f"{base}/api/2.0/mlflow-artifacts/artifacts/{path}"
+    assert request(upload, "mlflow.maeclip:5000", "PUT", b"proxied", user=users["trainer"]) == 200
+    assert (artifacts / path).read_text() == "proxied"
+    assert request(upload, "mlflow.maeclip:5000", "PUT", b"anonymous") == 401
+
+
+def test_only_the_gates_identity_changes_the_model_registry(mlflow_server):
+    """Training pods and pipeline steps log runs and metrics anywhere, but can neither create a registered model
+    (and so own it) nor move, add or delete an alias; the gate registers and moves `champion`."""
+    base, users, _ = mlflow_server
+    trainer, pipeline, gate = users["trainer"], users["pipeline"], users["gate"]
+    status, experiment = call(base, pipeline, "POST", "experiments/create", {"name": "k8s-study"})  # open_study
+    assert status == 200
+    status, created = call(base, trainer, "POST", "runs/create", {"experiment_id": experiment["experiment_id"]})
+    assert status == 200
+    run = created["run"]["info"]["run_id"]
+    for who, key in ((trainer, "train/loss"), (pipeline, "eval/zeroshot/shapes-color/top1")):
+        assert call(base, who, "POST", "runs/log-metric",
+                    {"run_id": run, "key": key, "value": 0.5, "timestamp": 1, "step": 10})[0] == 200
+    model = "maeclip-k8s"
+    assert call(base, gate, "POST", "registered-models/create", {"name": model})[0] == 200
+    assert call(base, gate, "POST", "model-versions/create",
+                {"name": model, "source": f"runs:/{run}/model", "run_id": run})[0] == 200
+    champion = {"name": model, "alias": "champion", "version": "1"}
+    assert call(base, gate, "POST", "registered-models/alias", champion)[0] == 200
+    for who in (trainer, pipeline):
+        assert call(base, who, "POST", "registered-models/alias", champion)[0] == 403
+        assert call(base, who, "POST", "registered-models/alias", {**champion, "alias": "candidate"})[0] == 403
+        assert call(base, who, "DELETE", "registered-models/alias", {"name": model, "alias": "champion"})[0] == 403
+        assert call(base, who, "POST", "model-versions/create",
+                    {"name": model, "source": f"runs:/{run}/model", "run_id": run})[0] == 403
+        assert call(base, who, "POST", "registered-models/create", {"name": f"{model}-{who[0]}"})[0] == 403
+    status, found = call(base, gate, "GET", f"registered-models/alias?name={model}&alias=champion")
+    assert status == 200 and found["model_version"]["version"] == "1"

@@ -111,6 +111,10 @@ def test_steps_get_the_image_parameter_and_evaluation_gpu_nodes_shm_and_secrets(
         # components never pip-install at run time (offline local runs; the image carries maeclip)
         assert "pip install" not in " ".join(definition["container"]["command"])
         secrets = platform[executor]["secretAsEnv"]
-        assert [(s["secretName"], s["optional"]) for s in secrets] == [("maeclip-storage", True)]
+        # Only the steps that gate and register sign in to MLflow as the gate, the one identity that may move
+        # registry aliases (k8s/README.md, "Identities"); the storage keys are for clusters without workload identity.
+        identity = "mlflow-gate" if executor.startswith(("exec-gate", "exec-register")) else "mlflow-pipeline"
+        assert [(s["secretName"], s["optional"]) for s in secrets] == [("maeclip-storage", True), (identity, False)]
+        assert {m["envVar"] for m in secrets[1]["keyToEnv"]} == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
         if executor not in gpu_steps:
             assert "nodeSelector" not in platform[executor] and "tolerations" not in platform[executor]

@@ -106,7 +106,8 @@ def _spec(run: dict) -> dict:
 def test_submit_creates_the_experiment_and_a_run_with_spec_and_parameters(kubeflow, tmp_path):
     result = _submit(kubeflow, tmp_path, "--pipeline", "train_eval", "--segments", "3", "--config", "tiny-clip",
                      "--set", "train.steps=90", "--run-url", "gs://bucket/runs/a", "--data-url", "gs://bucket/shapes",
-                     "--scheduler", "kubernetes", "--nnodes", "1:4", "--nproc-per-node", "8")
+                     "--scheduler", "kubernetes", "--nnodes", "1:4", "--nproc-per-node", "8",
+                     "--image", "registry.example/maeclip:0.1.0", "--cpu", "96", "--max-retries", "6")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"run_id": "run-1", "state": "SUCCEEDED"}
     calls = [(method, urlparse(path).path) for method, path, _ in kubeflow.requests]
@@ -126,13 +127,16 @@ def test_submit_creates_the_experiment_and_a_run_with_spec_and_parameters(kubefl
     assert (parameters["run_url"], parameters["data_url"]) == ("gs://bucket/runs/a", "gs://bucket/shapes")
     assert (parameters["scheduler"], parameters["nnodes"], parameters["nproc_per_node"]) == ("kubernetes", "1:4", 8)
     assert "tracking_uri" not in parameters  # on a cluster the pods' $MLFLOW_TRACKING_URI applies
+    # the training job's settings (trainer.cluster.Cluster); the image is the pipeline's, which its steps run too
+    assert parameters["cluster"] == {"cpu": 96, "max_retries": 6}
+    assert parameters["image"] == "registry.example/maeclip:0.1.0"
     assert kubeflow.polls == 2  # --wait polled until the run finished
 
 
 @pytest.mark.parametrize("kubeflow", ["FAILED"], indirect=True)
 def test_submit_wait_fails_when_the_run_fails(kubeflow, tmp_path):
     result = _submit(kubeflow, tmp_path, "--pipeline", "study", "--segments", "1", "--arms", "clip",
-                     "--pools", "cls", "map", "--seeds", "0", "1")
+                     "--pools", "cls", "map", "--seeds", "0", "1", "--memory-mb", "65536")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["maeclip: error: pipeline run run-1 ended FAILED"]
     run = next(b for m, p, b in kubeflow.requests if (m, p) == ("POST", f"{API}/runs"))
@@ -142,3 +146,6 @@ def test_submit_wait_fails_when_the_run_fails(kubeflow, tmp_path):
     assert [(v["arm"], v["pool"], v["seed"]) for v in variants] == [("clip", "cls", 0), ("clip", "cls", 1),
                                                                       ("clip", "map", 0), ("clip", "map", 1)]
     assert {v["preset"] for v in parameters["variants"]} == {"tiny-clip"}
+    # study variants train at the priority preempted first, with the study's own settings
+    assert [v["cluster"] for v in parameters["variants"]] == [{"priority_class": "maeclip-study",
+                                                               "memory_mb": 65536}] * 4

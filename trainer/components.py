@@ -27,6 +27,7 @@ def train(
     memory_mb: int = 8192,
     env: dict[str, str] | None = None,
     max_restarts: int = 3,
+    max_retries: int = 0,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
     """The maeclip training job.
@@ -42,6 +43,9 @@ def train(
         memory_mb: memory per node in MiB.
         env: extra environment (MLflow URI, storage endpoints).
         max_restarts: how often torchrun elastic restarts the worker group after a failure.
+        max_retries: how often the scheduler restarts the whole job after one of its nodes was evicted or
+            failed (Volcano: ``RestartJob`` on ``PodEvicted`` and ``PodFailed``); every node is recreated, so
+            the job comes back at its max node count as capacity allows.
         rdzv_port: c10d rendezvous port on the rank-0 node.
     """
     script_args = ["--config", preset]
@@ -64,23 +68,8 @@ def train(
     # makes it the pod's first process. dist.torchrun has no --max-restarts option: it goes right after.
     command = shlex.split(role.args[1])
     role.args[1] = "exec " + shlex.join([*AGENT, "--max-restarts", str(max_restarts), *command[1:]])
+    # TorchX renders APPLICATION as Volcano task policies PodEvicted/PodFailed -> RestartJob with the job's
+    # maxRetry as their budget (kubernetes_scheduler.app_to_resource).
+    role.max_retries, role.retry_policy = max_retries, specs.RetryPolicy.APPLICATION
     return app
 
-
-def harden_pod_templates(volcano_job: dict) -> dict:
-    """Make every pod of a TorchX-rendered Volcano job pass the namespace's *restricted* Pod Security profile.
-
-    TorchX leaves the security contexts empty and its scheduler options cannot set them, so the launcher patches
-    the dry-run request before scheduling: non-root, the runtime's default seccomp profile, no privilege
-    escalation, no capabilities.
-    """
-    from kubernetes.client import V1Capabilities, V1PodSecurityContext, V1SeccompProfile, V1SecurityContext
-
-    for task in volcano_job["spec"]["tasks"]:
-        pod = task["template"].spec
-        pod.security_context = V1PodSecurityContext(run_as_non_root=True,
-                                                    seccomp_profile=V1SeccompProfile(type="RuntimeDefault"))
-        for container in pod.containers:
-            container.security_context = V1SecurityContext(allow_privilege_escalation=False,
-                                                           capabilities=V1Capabilities(drop=["ALL"]))
-    return volcano_job

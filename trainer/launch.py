@@ -4,14 +4,15 @@ the outcome (a committed checkpoint, or why not). What ``maeclip train`` and the
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from torchx.runner import get_runner
-from torchx.specs import AppState
+from torchx.runner import Runner, get_runner
+from torchx.specs import AppDryRunInfo, AppState
 
 from trainer import components, storage
 from trainer.checkpoint import (
@@ -21,6 +22,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     verify_checkpoint,
 )
+from trainer.cluster import Cluster, LaunchPlan, harden_job, plan_launch
 from trainer.config import Config, ConfigError, load_config, quote
 from trainer.data.loader import dataset_size
 from trainer.train import read_divergence
@@ -83,33 +85,38 @@ def check_launch(config: Config, *, nnodes: str | int, nproc_per_node: int, sche
                 f"{', which the elastic --nnodes ' + quote(nnodes) + ' allows' if low < high else ''})")
 
 
+def render_job(runner: Runner, preset: str, overrides: Sequence[str], *, nnodes: str, nproc_per_node: int,
+               plan: LaunchPlan) -> AppDryRunInfo:
+    """TorchX's request for the training job on ``plan.scheduler``; on Kubernetes the Volcano job, its pods
+    finished by ``harden_job``. Renders only: nothing is submitted and no cluster is asked."""
+    pods = {}
+    if plan.resources is not None:
+        pods = {"image": plan.cluster.image, "cpu": plan.resources.cpu, "memory_mb": plan.resources.memory_mb,
+                "gpus": plan.resources.gpus, "max_retries": plan.cluster.max_retries}
+    app = components.train(preset, *overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, env=plan.env, **pods)
+    with warnings.catch_warnings():
+        # Said for every job with retries: Volcano 1.4 deleted the failed pods of a job's last retry
+        # (volcano-sh/volcano#1651, fixed by #1657 in 2021), long before the 1.15.1 that k8s/README.md installs.
+        warnings.filterwarnings("ignore", message=r"\s*Role .* configured with restarts", category=UserWarning)
+        request = runner.dryrun(app, plan.scheduler, cfg=plan.options)
+    if plan.cluster is not None:
+        harden_job(request.request.resource, plan)
+    return request
+
+
 def launch_training(
     preset: str,
     overrides: Sequence[str] = (),
     *,
     nnodes: str = "1",
     nproc_per_node: int = 2,
-    scheduler: str = "local_cwd",
-    scheduler_cfg: dict[str, str] | None = None,
-    env: dict[str, str] | None = None,
-    image: str = components.DEFAULT_IMAGE,
-    gpus: int = 0,
+    plan: LaunchPlan,
 ) -> str:
-    """Run the training job to completion; return its TorchX app handle or raise TrainingFailed.
-
-    ``image`` and ``gpus`` (per node) matter on container schedulers; ``local_cwd`` ignores the image.
-    """
-    env = dict(env or {})
-    # torchrun must be on PATH: it lives beside this interpreter in the virtual environment.
-    env.setdefault("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    app = components.train(preset, *overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, env=env, image=image,
-                           gpus=gpus)
+    """Run the training job to completion as ``plan`` says; return its TorchX app handle or raise TrainingFailed."""
     with get_runner() as runner:
-        request = runner.dryrun(app, scheduler, cfg=scheduler_cfg or {})
-        if scheduler == "kubernetes":
-            components.harden_pod_templates(request.request.resource)
+        request = render_job(runner, preset, overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, plan=plan)
         handle = runner.schedule(request)
-        role = app.roles[0]
+        role = request.app.roles[0]
         tails = [
             threading.Thread(target=_tail, args=(runner, handle, role.name, replica), daemon=True)
             for replica in range(role.num_replicas)
@@ -151,8 +158,36 @@ def preflight(preset: str, overrides: Sequence[str]) -> Config:
     return config
 
 
-# TorchX's kubernetes scheduler submits Volcano jobs; queue and namespace are k8s/base's.
-KUBERNETES_CFG = {"queue": "maeclip", "namespace": "maeclip"}
+def _checked_plan(preset: str, overrides: Sequence[str], *, nnodes: str, nproc_per_node: int, scheduler: str,
+                  cluster: Cluster | None, environ: Mapping[str, str] | None) -> LaunchPlan:
+    """The launch arguments checked against the config, and the plan for them: every bad input found here, before
+    anything reads the dataset or the run URL."""
+    config = load_config(preset, overrides)
+    check_launch(config, nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler)
+    return plan_launch(config, scheduler=scheduler, nproc_per_node=nproc_per_node, cluster=cluster, environ=environ)
+
+
+def dryrun_training(
+    preset: str,
+    overrides: Sequence[str] = (),
+    *,
+    nnodes: str = "1",
+    nproc_per_node: int = 2,
+    cluster: Cluster | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The Volcano job that ``run_training(..., scheduler="kubernetes")`` would submit, as a manifest.
+
+    The same checks and rendering as a launch, with the launcher's environment ``environ`` (default os.environ);
+    no storage is read and no cluster is asked, so it works wherever the config is valid.
+    """
+    from kubernetes.client import ApiClient
+
+    plan = _checked_plan(preset, overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler="kubernetes",
+                         cluster=cluster, environ=environ)
+    with get_runner() as runner:
+        request = render_job(runner, preset, overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, plan=plan)
+    return ApiClient().sanitize_for_serialization(request.request.resource)
 
 
 def run_training(
@@ -162,23 +197,17 @@ def run_training(
     nnodes: str = "1",
     nproc_per_node: int = 2,
     scheduler: str = "local_cwd",
-    image: str | None = None,
+    cluster: Cluster | None = None,
 ) -> str:
     """Preflight, launch through TorchX, wait; return the newest committed checkpoint URL.
 
-    On ``kubernetes`` each process gets a GPU (``nproc_per_node`` GPUs per node) and the job runs ``image``.
+    On ``kubernetes`` the job runs as ``cluster`` says (k8s/base's names, resources derived from the launch when
+    not given; ``trainer/cluster.py``).
     """
-    # Launch arguments before preflight: a bad one is reported without reading the dataset or the run URL.
-    check_launch(load_config(preset, overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler)
+    plan = _checked_plan(preset, overrides, nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
+                         cluster=cluster, environ=None)
     config = preflight(preset, overrides)
-    env = {}
-    if config.tracking.uri:
-        env["MLFLOW_TRACKING_URI"] = config.tracking.uri
-    on_cluster = scheduler == "kubernetes"
-    launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler,
-                    scheduler_cfg=KUBERNETES_CFG if on_cluster else None, env=env,
-                    image=image or components.DEFAULT_IMAGE,
-                    gpus=nproc_per_node if on_cluster else 0)
+    launch_training(preset, list(overrides), nnodes=nnodes, nproc_per_node=nproc_per_node, plan=plan)
     diverged = read_divergence(config.train.run_url)
     if diverged is not None:
         raise TrainingDiverged(f"training diverged at step {diverged['step']} (loss {diverged['loss']}); nothing "
@@ -205,7 +234,7 @@ def run_training_segment(
     nnodes: str = "1",
     nproc_per_node: int = 2,
     scheduler: str = "local_cwd",
-    image: str | None = None,
+    cluster: Cluster | None = None,
 ) -> str:
     """Train to the end of one segment (resuming from the run's newest checkpoint); return that checkpoint.
 
@@ -217,7 +246,7 @@ def run_training_segment(
     end = segment_end(train.steps, segment, segments)
     schedule = train.schedule_steps or train.steps  # one warmup + cosine over the whole run, not per segment
     latest = run_training(preset, [*overrides, f"train.steps={end}", f"train.schedule_steps={schedule}"],
-                          nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, image=image)
+                          nnodes=nnodes, nproc_per_node=nproc_per_node, scheduler=scheduler, cluster=cluster)
     reached = checkpoint_step(latest)
     if reached < end:
         raise TrainingStopped(f"training stopped at step {reached}, before the end of segment {segment} of "
