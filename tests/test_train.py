@@ -27,13 +27,15 @@ def _overrides(corpus: str, run: Path, steps: int) -> list[str]:
 def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     run = tmp_path / "run"
     # asynchronous checkpoints: steps 10 and 20 upload in the background and commit at the next save
-    # lr 0.002 published at batch 16: at this run's global batch of 32 the sqrt rule makes it 0.002 x sqrt(2)
+    # A global batch of 64 from 2 ranks x 2 accumulated micro-batches of 16, every contrastive loss over all 64
+    # pairs; lr 0.002 published at batch 16, so the sqrt rule makes it 0.002 x sqrt(64 / 16) = 0.004.
     first = run_training("tiny-clip", [*_overrides(corpus, run, 30), "train.async_checkpoint=true",
-                                       "optim.reference_batch=16", "optim.lr_scaling=sqrt"], nproc_per_node=2)
+                                       "train.global_batch_size=64", "optim.reference_batch=16",
+                                       "optim.lr_scaling=sqrt"], nproc_per_node=2)
     assert first.endswith("step-000000030")
     assert [step for step, _ in checkpoint.committed_checkpoints(f"file://{run}")] == [10, 20, 30]
     meta = checkpoint.read_meta(first)
-    assert meta["samples_seen"] == 30 * 16 * 2 and meta["world_size"] == 2
+    assert meta["samples_seen"] == 30 * 64 and meta["world_size"] == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run_id = meta["mlflow_run_id"]
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
@@ -43,9 +45,11 @@ def test_two_rank_run_learns_checkpoints_and_resumes(corpus, tmp_path, capfd):
     assert len(memory) == 6 and all(0.05 < m.value < 64 for m in memory)
     params = client.get_run(run_id).data.params
     assert params["model.objective"] == "clip" and params["train.steps"] == "30"
-    assert params["optim.lr"] == "0.002" and float(params["optim.effective_lr"]) == pytest.approx(0.002 * 2**0.5)
+    assert params["optim.lr"] == "0.002" and float(params["optim.effective_lr"]) == pytest.approx(0.004)
     lrs = {m.step: m.value for m in client.get_metric_history(run_id, "train/lr")}
-    assert lrs[5] == pytest.approx(0.002 * 2**0.5)  # the end of the warmup: the scaled peak
+    assert lrs[5] == pytest.approx(0.004)  # the end of the warmup: the scaled peak
+    negatives = {m.value for m in client.get_metric_history(run_id, "train/contrastive_batch")}
+    assert negatives == {64}  # the pairs each contrastive loss holds: the global batch, not a micro-batch
 
     # a directory without COMMITTED, newer than every real checkpoint, must be ignored
     storage.write_text(storage.join(f"file://{run}", "checkpoints", "step-000000035", "meta.json"), "{}")
