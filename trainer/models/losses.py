@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 
@@ -19,7 +19,9 @@ def _gather(features: torch.Tensor) -> torch.Tensor:
     it under DDP: the same direction, but a learning rate that depends on the world size.) Every rank must hold
     the same local batch size.
     """
-    return torch.cat(dist_nn.all_gather(features.contiguous()), dim=0)
+    # torch's functional collective (torch.distributed.nn.functional.all_gather is deprecated in its favour): its
+    # backward is the reduce-scatter (sum) described above.
+    return funcol.all_gather_single(features.contiguous(), 0, dist.group.WORLD)
 
 
 def clip_loss(
