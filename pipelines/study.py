@@ -41,16 +41,17 @@ def plan_variant(variant: dict[str, Any], *, preset_pattern: str, overrides: Seq
     """What one grid point trains and how it is gated: preset, overrides, run URL, policy, suite, and the
     ``cluster`` settings of its training job (``trainer.cluster.Cluster``).
 
-    The arm, pooling, data size and seed only ever enter as those four settings, so variants of a study
-    differ in nothing else. The policy and suite follow the arm's objective (``evaluators.policies``: mae and
-    m3ae are judged on linear probes) unless the study names its own.
+    The arm, pooling, data size and seed only ever enter as those four settings (and the run's name), so
+    variants of a study differ in nothing else. The policy and suite follow the arm's objective
+    (``evaluators.policies``: mae and m3ae are judged on linear probes) unless the study names its own.
     """
     arm, pool, size, seed = str(variant["arm"]), str(variant["pool"]), int(variant["data_size"]), int(variant["seed"])
     preset = preset_pattern.format(arm=arm)
-    settings = [*overrides, f"model.image_pool={pool}", f"data.max_samples={size}", f"train.seed={seed}",
-                f"tracking.experiment={experiment}"]
-    objective = load_config(preset, settings).model.objective  # also validates the variant's whole config
     name = f"{arm}-{pool}-n{size or 'all'}"
+    # The run's name in MLflow says the variant, not the preset that several variants share.
+    settings = [*overrides, f"model.image_pool={pool}", f"data.max_samples={size}", f"train.seed={seed}",
+                f"tracking.experiment={experiment}", f"name={name}-seed{seed}"]
+    objective = load_config(preset, settings).model.objective  # also validates the variant's whole config
     return {
         "variant": {"arm": arm, "pool": pool, "data_size": size, "seed": seed},
         "preset": preset,

@@ -131,3 +131,6 @@ def test_the_report_takes_final_checkpoints_and_flags_what_was_not_registered(st
     (parent,) = [r for r in runs if r.data.tags.get("maeclip.study") == "mini"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["objective"] for r in children) == ["clip", "clip", "flip", "flip"]
+    # Each variant's run is named after the variant, not after the preset it shares with the others.
+    assert sorted(r.info.run_name for r in children) == [
+        "clip-cls-n128-seed0", "clip-cls-n64-seed0", "flip-matched-cls-n128-seed0", "flip-matched-cls-n64-seed0"]
