@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from manifests import VOLCANO, as_pod_templates, crd_validator, kubernetes_validate
 
-from trainer.cluster import Cluster
+from trainer.cluster import FORWARDED_ENV, Cluster
 from trainer.config import ConfigError
 from trainer.launch import dryrun_training
 
@@ -66,6 +66,8 @@ def render(preset: str, nnodes: str, nproc_per_node: int, cluster: dict, **kwarg
 def jobs() -> dict[str, dict]:
     """Both renders, launched from an environment that holds ``LAUNCHER`` (TorchX reads os.environ itself)."""
     with pytest.MonkeyPatch.context() as patch:
+        for name in FORWARDED_ENV:  # the session's own (the storage emulators set S3_ENDPOINT_URL) do not count
+            patch.delenv(name, raising=False)
         for name, value in LAUNCHER.items():
             patch.setenv(name, value)
         return {name: render(**args) for name, args in RENDERS.items()}

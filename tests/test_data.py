@@ -4,6 +4,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +268,18 @@ def test_evicted_shards_are_fetched_again_and_local_ones_are_not_prepared_per_sa
                                        f"data.cache_dir={tmp_path / 'cache'}", f"data.cache_limit={4 * largest}b",
                                        "data.shuffle=false"])
     loader = build_train_loader(config)
-    for _ in range(2):
-        assert sorted(key for batch in loader for key in batch["key"]) == [f"train-{i:07d}" for i in range(32)]
+    epochs: list[list[str]] = []
+
+    def read_two_epochs() -> None:
+        epochs.extend(sorted(key for batch in loader for key in batch["key"]) for _ in range(2))
+
+    # Streaming waits, without end, for a shard its download thread cannot fit in the cache: a watchdog makes
+    # that a failure of this test instead of a hung suite (it hung once in a full run on a loaded machine).
+    reader = threading.Thread(target=read_two_epochs, daemon=True)
+    reader.start()
+    reader.join(timeout=180)
+    assert not reader.is_alive(), "Streaming stopped making progress under the cache limit"
+    assert epochs == [[f"train-{i:07d}" for i in range(32)]] * 2
     assert len(set(prepared)) == len(shards)
     assert len(prepared) >= len(shards) + 4  # evicted shards came back for the second epoch ...
     # ... but not once per sample: Streaming's download thread alone asks for each of the 2 x 32 samples.

@@ -8,15 +8,18 @@ for two 4-pair halves). For the contrastive objectives (clip, flip, maeclip) the
 of the whole global batch, as open_clip's ``--accum-freq`` does, with gradient caching (Gao et al. 2021,
 "Scaling deep contrastive learning batch size under memory limited setup"):
 
-1. each micro-batch's image and text features are computed without gradients and kept (B × embed_dim each);
-2. the contrastive loss of all of them (gathered over ranks as without accumulation) is differentiated with
-   respect to those features and the logit scale only;
-3. each micro-batch is run again with gradients, on the same random state (so the same masks), and backward
-   runs on ``features · their cached gradient + scale · its gradient + the other losses / micro-batches``.
+1. the image and text features of every micro-batch but the last are computed without gradients and kept
+   (B × embed_dim each);
+2. the last micro-batch runs with gradients, and the contrastive loss of all the features (gathered over ranks
+   as without accumulation) plus its other losses is backpropagated: into the parameters through the last
+   micro-batch, and into the kept features;
+3. each other micro-batch is run again with gradients, on the same random state (so the same masks), and
+   backward runs on ``features · their gradient from step 2 + the other losses / micro-batches``.
 
-Step 3's parameter gradients sum to exactly those of one pass over the global batch: one more forward per
-micro-batch buys the full batch's negatives. DDP and FSDP2 synchronise on the last micro-batch's backward, as
-before; the features' gradients carry the world-size factor of the gathered loss (``losses._gather``).
+The parameter gradients sum to exactly those of one pass over the global batch: one more forward for each
+micro-batch but the last buys the full batch's negatives. DDP and FSDP2 synchronise on the step's last
+backward, as before; the features' gradients carry the world-size factor of the gathered loss
+(``losses._gather``).
 """
 
 from __future__ import annotations
@@ -80,40 +83,45 @@ def contrastive_step(module: nn.Module, micro_batches: Sequence[Batch], sync: Sy
                      autocast: contextlib.AbstractContextManager[Any], device: torch.device
                      ) -> dict[str, torch.Tensor]:
     """Backward of ``contrastive(global batch) + mean of the other losses`` by gradient caching (module
-    docstring); returns the step's losses, detached, named as the objective's forward names them."""
+    docstring); returns the step's losses, detached, named as the objective's forward names them.
+
+    The last micro-batch needs no second pass: it runs with gradients straight away, and the contrastive loss
+    over the cached features and its own is backpropagated through it and into the cached features at once.
+    """
     count = len(micro_batches)
     states, images, texts, rests = [], [], [], []
     with torch.no_grad():
-        for batch in micro_batches:
+        for batch in micro_batches[:-1]:
             states.append(_rng_state(device))
             with autocast:
                 out = module(batch, split=True)
-            images.append(out["image_features"].float())
-            texts.append(out["text_features"].float())
+            images.append(out["image_features"].float().requires_grad_())  # leaves: their gradient is kept
+            texts.append(out["text_features"].float().requires_grad_())
             rests.append({k: v for k, v in out.items() if k.startswith("loss_")})
-    image_all = torch.cat(images).requires_grad_()
-    text_all = torch.cat(texts).requires_grad_()
-    scale = out["scale"].detach().float().requires_grad_()
-    contrastive = clip_loss(image_all, text_all, scale)
-    image_grad, text_grad, scale_grad = torch.autograd.grad(contrastive, (image_all, text_all, scale))
+    with sync(count == 1):
+        with autocast:
+            last = module(micro_batches[-1], split=True)
+        contrastive = clip_loss(torch.cat([*images, last["image_features"].float()]),
+                                torch.cat([*texts, last["text_features"].float()]), last["scale"].float())
+        (contrastive + last["loss_rest"] / count).backward()  # also fills the cached features' .grad
+    rests.append({k: v.detach() for k, v in last.items() if k.startswith("loss_")})
 
-    start = 0
-    for index, batch in enumerate(micro_batches):
-        rows = slice(start, start + len(images[index]))
-        start = rows.stop
+    for index, batch in enumerate(micro_batches[:-1]):
         _set_rng_state(states[index], device)  # the same masks as the cached features had
-        with sync(index == count - 1):
+        with sync(index == count - 2):
             with autocast:
                 out = module(batch, split=True)
-            surrogate = ((out["image_features"].float() * image_grad[rows]).sum()
-                         + (out["text_features"].float() * text_grad[rows]).sum()
-                         + out["scale"].float() * (scale_grad / count) + out["loss_rest"] / count)
+            # The scale's gradient came with the last micro-batch; it takes part with a zero, since DDP's reducer
+            # reduces a bucket only once every parameter in it has had its gradient in this backward.
+            surrogate = ((out["image_features"].float() * images[index].grad).sum()
+                         + (out["text_features"].float() * texts[index].grad).sum() + out["loss_rest"] / count
+                         + 0.0 * out["scale"])
             surrogate.backward()
     losses = {"loss_contrastive": contrastive.detach()}
     for name in rests[0]:
         losses[name] = sum(rest[name] for rest in rests) / count
     losses["loss"] = losses["loss_contrastive"] + losses.pop("loss_rest")
-    losses["logit_scale"] = scale.detach()
+    losses["logit_scale"] = last["scale"].detach()
     return losses
 
 
