@@ -47,3 +47,19 @@ def test_resumed_run_keeps_its_id(tmp_path, resume):
     first = start_or_resume_run(uri, "exp", None, "run", {})
     again = start_or_resume_run(uri, "exp", first if resume else None, "run", {})
     assert (again == first) is resume
+
+
+def test_experiments_open_as_training_and_keep_their_artifacts_beside_a_local_store(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # MLflow's default would put ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    run_id = start_or_resume_run(uri, "my study/1", None, "clip-cls-n256-seed0", {})
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("my study/1")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's training view
+    (tmp_path / "note.txt").write_text("x")
+    client.log_artifact(run_id, str(tmp_path / "note.txt"))
+    stored = list((tmp_path / "store" / "artifacts" / "my_study_1").rglob("note.txt"))
+    assert len(stored) == 1 and not (tmp_path / "elsewhere" / "mlruns").exists()
+    assert client.get_run(run_id).info.run_name == "clip-cls-n256-seed0"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -55,8 +56,23 @@ def start_or_resume_run(uri: str, experiment: str, run_id: str | None, run_name:
     return mlflow_client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
 
 
+# MLflow 3's UI opens an experiment by its kind; without the tag it guesses, and shows ours as GenAI (traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def _artifact_location(tracking_uri: str, name: str) -> str | None:
+    """Beside a local sqlite store, its experiments' artifacts (``<store folder>/artifacts/<name>``): MLflow's
+    default for a database store is ``./mlruns`` in whatever folder the process runs in. None for a server,
+    which has its own artifact root."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
+    return (folder / "artifacts" / re.sub(r"[^A-Za-z0-9._-]", "_", name)).as_uri()
+
+
 def ensure_experiment(client: Any, name: str) -> str:
-    """The id of experiment ``name``, created when missing.
+    """The id of experiment ``name``, created when missing: a training-kind experiment whose artifacts, on a
+    local sqlite store, lie beside the store.
 
     Concurrent jobs (a study's variants) may create it at the same moment: the loser's create fails, and it
     reads the winner's experiment instead of training untracked.
@@ -67,7 +83,8 @@ def ensure_experiment(client: Any, name: str) -> str:
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=_artifact_location(client.tracking_uri, name),
+                                        tags=EXPERIMENT_KIND)
     except MlflowException:
         found = client.get_experiment_by_name(name)
         if found is None:
