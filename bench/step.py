@@ -1,12 +1,15 @@
 """Train-step throughput, side by side in one run: our ``clip`` vs open_clip's CLIP on the same architecture
 and batch, our ``flip`` (50 % masking) vs our ``clip``, and the cost of the study's two MAE-CLIP arms
-(``maeclip-shared``: one masked pass; ``maeclip``: plus an unmasked pass for the contrastive loss).
+(``maeclip-shared``: one masked pass; ``maeclip``: plus an unmasked pass for the contrastive loss), and what
+accumulating the same global batch in 4 micro-batches costs (``trainer.step``: one more forward per micro-batch
+for the global batch's negatives).
 
 A step is what the training loop does per batch: forward, the loss, backward and the AdamW update, with the
 presets' optimiser settings. Models that are compared run in the same phase, one step each in turn
 (interleaved), so that load from other processes hits them alike; each reports the median of its timed steps.
-On CUDA the steps run under bf16 autocast and the table adds MFU against the bf16 peak
-(``trainer.models.flops``).
+On CUDA the steps run under bf16 autocast (attention is SDPA, which takes the flash kernel there; AdamW is fused)
+and the table adds MFU against the bf16 peak (``trainer.models.flops``); ``--compile`` adds ``torch.compile``.
+``bench/gpu.sh`` is the prepared GPU run.
 
     .venv/bin/python bench/step.py                      # ViT-B/16, batch 8: minutes on 2 CPU cores
     .venv/bin/python bench/step.py --threads 1 --clock cpu --steps 5   # steadier on a busy machine
@@ -32,9 +35,10 @@ from open_clip.loss import ClipLoss
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout, installed or not
 
 from trainer.config import Config, ModelConfig, load_config
-from trainer.models import build_model
+from trainer.models import ClipObjective, build_model
 from trainer.models.flops import flops_per_sample, mfu
 from trainer.optim import build_optimizer
+from trainer.step import gradient_sync, train_step
 
 # Captions of CC12M-like lengths (6 to 25 words), so that caption masking sees realistic word counts.
 CAPTIONS = [
@@ -70,16 +74,20 @@ def make_batch(cfg: ModelConfig, batch: int, device: torch.device) -> dict[str, 
     return {"image": images.to(device), "tokens": tokens.to(device)}
 
 
-def ours(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager
-         ) -> Callable[[], None]:
-    """Our objective's step as ``trainer.train`` runs it, less gradient clipping (open_clip has none)."""
-    model = build_model(config.model).to(batch["image"].device).train()
+def ours(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager,
+         micro: int = 1, compile_: bool = False) -> Callable[[], None]:
+    """Our objective's step as ``trainer.train`` runs it (``trainer.step.train_step``, the batch in ``micro``
+    accumulated micro-batches), less gradient clipping (open_clip has none)."""
+    device = batch["image"].device
+    model = build_model(config.model).to(device).train()
     optimizer = build_optimizer(model, config.optim, fused=True)
+    forward = torch.compile(model) if compile_ else model
+    size = len(batch["image"]) // micro
+    micro_batches = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(micro)]
+    contrastive = isinstance(model, ClipObjective)
 
     def step() -> None:
-        with autocast:
-            loss = model(batch)["loss"]
-        loss.backward()
+        train_step(forward, micro_batches, gradient_sync(model), autocast, device, contrastive)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -101,8 +109,8 @@ def open_clip_model(cfg: ModelConfig) -> open_clip.model.CLIP:
     )
 
 
-def reference(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager
-              ) -> Callable[[], None]:
+def reference(config: Config, batch: dict[str, torch.Tensor], autocast: contextlib.AbstractContextManager,
+              compile_: bool = False) -> Callable[[], None]:
     """open_clip's step as open_clip_train runs it: ``ClipLoss``, AdamW without decay on gains, biases and the
     logit scale (main.py's ``exclude``), and the logit-scale clamp after the update (train.py)."""
     model = open_clip_model(config.model).to(batch["image"].device).train()
@@ -113,10 +121,11 @@ def reference(config: Config, batch: dict[str, torch.Tensor], autocast: contextl
                                    {"params": no_decay, "weight_decay": 0.0}], lr=optim.lr,
                                   betas=(optim.beta1, optim.beta2), eps=optim.eps)
     loss_fn = ClipLoss()
+    forward = torch.compile(model) if compile_ else model
 
     def step() -> None:
         with autocast:
-            image_features, text_features, scale = model(batch["image"], batch["tokens"])
+            image_features, text_features, scale = forward(batch["image"], batch["tokens"])
             loss = loss_fn(image_features, text_features, scale)
         loss.backward()
         optimizer.step()
@@ -143,17 +152,24 @@ def time_interleaved(steps: list[Callable[[], None]], results: list[Result], arg
                 result.times.append(clock() - start)
 
 
-def phases(prefix: str) -> list[list[tuple[str, str, list[str], bool]]]:
-    """(row name, preset, overrides, open_clip?) per model, grouped into phases that are timed together.
-    At most three ViT-B models (parameters plus AdamW state, about 2 GB each) live at once."""
+ACCUMULATION = 4  # micro-batches of the accumulation rows
+
+
+def phases(prefix: str) -> list[list[tuple[str, str, list[str], bool, int]]]:
+    """(row name, preset, overrides, open_clip?, micro-batches) per model, grouped into phases that are timed
+    together. At most three ViT-B models (parameters plus AdamW state, about 2 GB each) live at once."""
     return [
         [
-            ("open_clip clip", f"{prefix}-clip", [], True),
-            ("ours clip", f"{prefix}-clip", [], False),
-            ("ours flip, mask 0.5", f"{prefix}-flip", ["model.image_mask_ratio=0.5"], False),
+            ("open_clip clip", f"{prefix}-clip", [], True, 1),
+            ("ours clip", f"{prefix}-clip", [], False, 1),
+            ("ours flip, mask 0.5", f"{prefix}-flip", ["model.image_mask_ratio=0.5"], False, 1),
         ],
         [  # the study's two MAE-CLIP arms: one shared masked pass, and the matched one (an extra unmasked pass)
-            (f"ours {arm}", f"{prefix}-{arm}", [], False) for arm in MAECLIP_ARMS
+            (f"ours {arm}", f"{prefix}-{arm}", [], False, 1) for arm in MAECLIP_ARMS
+        ],
+        [  # the same global batch in one pass and in accumulated micro-batches (the global batch's negatives)
+            ("ours clip, one pass", f"{prefix}-clip", [], False, 1),
+            (f"ours clip, {ACCUMULATION} micro-batches", f"{prefix}-clip", [], False, ACCUMULATION),
         ],
     ]
 
@@ -165,11 +181,14 @@ def run(args: argparse.Namespace) -> list[Result]:
     results: list[Result] = []
     for phase in phases(args.model):
         steps, timed = [], []
-        for name, preset, overrides, is_reference in phase:
+        for name, preset, overrides, is_reference, micro in phase:
             config = load_config(preset, overrides)
             batch = make_batch(config.model, args.batch, device)
             torch.manual_seed(0)
-            steps.append((reference if is_reference else ours)(config, batch, autocast))
+            if is_reference:
+                steps.append(reference(config, batch, autocast, args.compile))
+            else:
+                steps.append(ours(config, batch, autocast, micro, args.compile))
             timed.append(Result(name, flops_per_sample(config.model)))
         print(f"timing: {', '.join(r.name for r in timed)}", flush=True)
         time_interleaved(steps, timed, args, device)
@@ -204,6 +223,9 @@ def report(results: list[Result], args: argparse.Namespace) -> None:
     for arm in MAECLIP_ARMS:
         cost = clip / by_name[f"ours {arm}"]
         print(f"{arm:15} step cost:     {cost:.2f}x an ours-clip step")
+    kept = by_name[f"ours clip, {ACCUMULATION} micro-batches"] / by_name["ours clip, one pass"]
+    print(f"accumulation {ACCUMULATION} x {args.batch // ACCUMULATION}, rate:  {kept:.2f} of one pass of {args.batch} "
+          f"(goal >= 0.75: {verdict(kept >= 0.75)})")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,9 +241,12 @@ def main(argv: list[str] | None = None) -> None:
         "--clock", choices=["wall", "cpu"], default="wall",
         help="cpu: this process's CPU seconds, steadier than wall time on a busy machine (with --threads 1)",
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (as train.compile)")
     args = parser.parse_args(argv)
     if args.clock == "cpu" and torch.cuda.is_available():
         parser.error("--clock cpu does not time GPU work")
+    if args.batch % ACCUMULATION:
+        parser.error(f"--batch must be a multiple of {ACCUMULATION}, the accumulation rows' micro-batches")
     torch.set_num_threads(args.threads)
     report(run(args), args)
 
