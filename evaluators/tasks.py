@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -169,7 +170,9 @@ def load_task_file(name: str, root: str = "", *, _beside: Path | None = None, _d
     return specs
 
 
+@cache
 def _imagenet() -> dict[str, Any]:
+    """The shipped ImageNet names, templates and wnids, read once (every zero-shot task file entry asks)."""
     return json.loads(IMAGENET_TASKS.read_text())
 
 
