@@ -219,7 +219,8 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
     elif args.action == "run":
         if not args.local:
             raise UsageError("pipeline run needs --local (use `pipeline submit --host URL` for a cluster)")
-        print(run_local_pipeline(args.pipeline, args.segments, **_pipeline_arguments(args, local=True)))
+        print(run_local_pipeline(args.pipeline, args.segments, verbose=args.verbose,
+                                 **_pipeline_arguments(args, local=True)))
     else:
         if not args.host:
             raise UsageError("pipeline submit needs --host URL (the Kubeflow Pipelines API endpoint)")
@@ -252,7 +253,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
           flush=True)
     record = json.loads(run_local_pipeline("train_eval", 2, preset=args.preset,
                                            overrides=[*DEMO_TRAIN, *args.overrides], data_url=data_url,
-                                           run_url=run_url, tracking_uri=uri, nproc_per_node=2))
+                                           run_url=run_url, tracking_uri=uri, nproc_per_node=2,
+                                           verbose=args.verbose))
     _print_chain(run_url, record)
     name = f"demo-study-{stamp}"
     runs_url = normalize_url(f".maeclip/runs/{name}")
@@ -263,7 +265,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     variants = plan_study(["clip", "maeclip"], ["cls", "gap"], [0], [0], preset_pattern="tiny-{arm}",
                           overrides=DEMO_STUDY, runs_url=runs_url, experiment=name, model_name="maeclip-demo")
     table = run_local_pipeline("study", 1, variants=variants, data_url=data_url, runs_url=runs_url,
-                               tracking_uri=uri, experiment=name, study_name=name, nproc_per_node=1)
+                               tracking_uri=uri, experiment=name, study_name=name, nproc_per_node=1,
+                               verbose=args.verbose)
     print(f"\n[demo] finished in {time.time() - started:.0f} s\n\n{table}")
     print(f"\nOpen the MLflow UI on these runs:\n  .venv/bin/mlflow ui --backend-store-uri {uri}")
 
@@ -302,7 +305,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="maeclip", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true", help="print the traceback of a failure")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream every pipeline task's whole output; print the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build corpora").add_subparsers(dest="data_command", required=True)

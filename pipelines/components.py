@@ -20,10 +20,13 @@ def prepare_corpus(corpus: str, data_url: str, source_url: str, source_format: s
     """The corpus the pipeline trains on; return its URL. ``corpus``: ``shapes`` writes the synthetic corpus
     (only into an empty URL or one holding shapes), ``existing`` validates and never writes, ``ingest`` ingests
     ``source_url`` (a rerun skips finished shards)."""
+    from pipelines.progress import summary
     from trainer.data.corpus import prepare_corpus as prepare
 
-    return prepare(corpus, data_url, source_url=source_url, source_format=source_format, n_train=n_train,
-                   n_eval=n_eval, seed=seed)
+    url = prepare(corpus, data_url, source_url=source_url, source_format=source_format, n_train=n_train,
+                  n_eval=n_eval, seed=seed)
+    summary(url)
+    return url
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -34,13 +37,15 @@ def ingest_corpus(source_url: str, source_format: str, out_url: str, split: str,
     ``duplicate_keys`` is --duplicate-keys; ``allowed_prefixes`` holds the --allow-prefix URLs, space-separated."""
     import json
 
+    from pipelines.progress import summary
     from trainer.data.ingest import ingest_source
 
-    summary = ingest_source(source_url, out_url, on_error=on_error, workers=workers, format=source_format,
-                            split=split, duplicate_keys=duplicate_keys,
-                            allowed_prefixes=tuple(allowed_prefixes.split()))
-    print(json.dumps(summary))
-    return summary["url"]
+    ingested = ingest_source(source_url, out_url, on_error=on_error, workers=workers, format=source_format,
+                             split=split, duplicate_keys=duplicate_keys,
+                             allowed_prefixes=tuple(allowed_prefixes.split()))
+    print(json.dumps(ingested))
+    summary(ingested["url"])
+    return ingested["url"]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -64,10 +69,11 @@ def train_segment(
     ``kubernetes`` the job runs ``image`` with the ``cluster`` settings (``trainer.cluster.Cluster``: priority
     class, resources per pod, retries; unset ones are k8s/base's or derived).
     """
+    from pipelines.progress import summary
     from trainer.cluster import Cluster
     from trainer.launch import run_training_segment
 
-    return run_training_segment(
+    checkpoint_url = run_training_segment(
         preset,
         [*overrides, f"data.url={data_url}", f"train.run_url={run_url}", f"tracking.uri={tracking_uri}"],
         segment=segment,
@@ -77,14 +83,17 @@ def train_segment(
         scheduler=scheduler,
         cluster=Cluster.from_dict({**cluster, "image": image}),
     )
+    summary(f"→ {checkpoint_url.rsplit('/', 1)[-1]}")
+    return checkpoint_url
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def evaluate(checkpoint_url: str, suite: str, tracking_uri: str) -> str:
     """Run an evaluation suite on the checkpoint (``metrics.json`` + MLflow); return the checkpoint URL."""
     from evaluators.suite import run_suite
+    from pipelines.progress import key_metrics, summary
 
-    run_suite(checkpoint_url, suite, tracking_uri=tracking_uri or None)
+    summary(key_metrics(run_suite(checkpoint_url, suite, tracking_uri=tracking_uri or None)))
     return checkpoint_url
 
 
@@ -92,9 +101,11 @@ def evaluate(checkpoint_url: str, suite: str, tracking_uri: str) -> str:
 def gate(checkpoint_url: str, policy: dict) -> bool:
     """Gate the segment's checkpoint (thresholds, finiteness; marks PROMOTED/REJECTED); the scalar for dsl.If."""
     from evaluators.gate import gate_segment, load_policy
+    from pipelines.progress import summary
 
     decision = gate_segment(checkpoint_url, load_policy(policy))
     print(decision.to_json())
+    summary("PROMOTED" if decision.passed else f"REJECTED: {'; '.join(decision.reasons)}")
     return decision.passed
 
 
@@ -105,6 +116,7 @@ def register(run_url: str, policy: dict, model_name: str, tracking_uri: str, var
     import json
 
     from evaluators.gate import load_policy, register_best
+    from pipelines.progress import summary
     from trainer.tracking import default_tracking_uri
 
     record = register_best(run_url, load_policy(policy), model_name=model_name,
@@ -114,6 +126,8 @@ def register(run_url: str, policy: dict, model_name: str, tracking_uri: str, var
     record |= {k: int(v) if isinstance(v, float) else v for k, v in variant.items()}
     record["registered"] = record["checkpoint"] if passed else None
     print(json.dumps(record))
+    registry = (record["decision"] or {}).get("registry") or {}
+    summary(f"{registry['model']} version {registry['version']}" if passed and registry else "nothing registered")
     return json.dumps(record)
 
 
@@ -122,9 +136,12 @@ def open_study(tracking_uri: str, experiment: str) -> str:
     """Create the study's MLflow experiment before the variants start; return its id. The variants train
     concurrently: two creating the experiment, or initialising a fresh sqlite store (a duplicate-column
     migration error), at the same moment would leave one untracked."""
+    from pipelines.progress import summary
     from trainer.tracking import client, default_tracking_uri, ensure_experiment
 
-    return ensure_experiment(client(tracking_uri or default_tracking_uri()), experiment)
+    experiment_id = ensure_experiment(client(tracking_uri or default_tracking_uri()), experiment)
+    summary(f"MLflow experiment {experiment} ({experiment_id})")
+    return experiment_id
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
@@ -135,6 +152,7 @@ def report(records: list, tracking_uri: str, experiment: str, study_name: str, m
     import json
 
     from evaluators.study_report import report_study
+    from pipelines.progress import summary
     from trainer import storage
     from trainer.tracking import default_tracking_uri
 
@@ -142,4 +160,5 @@ def report(records: list, tracking_uri: str, experiment: str, study_name: str, m
                          experiment=experiment, study_name=study_name, metrics=metrics,
                          out_url=storage.join(runs_url, "report"), baseline=baseline)
     print(built["table"])
+    summary(f"tables and plot in {storage.join(runs_url, 'report')} and the study's MLflow parent run")
     return built["table"]

@@ -6,10 +6,16 @@ import os
 import tempfile
 import time
 import warnings
+from typing import TextIO
 
 from pipelines.exit_codes import UsageError
+from pipelines.progress import TaskLog
 
 PIPELINES = ("train_eval", "study")
+
+
+class PipelineFailed(RuntimeError):
+    """A pipeline run (local, or submitted) ended in a state other than success."""
 
 
 def build_pipeline(name: str, segments: int):
@@ -28,8 +34,12 @@ def build_pipeline(name: str, segments: int):
 
 
 def run_local_pipeline(name: str = "train_eval", segments: int = 2, pipeline_root: str = ".maeclip/kfp",
-                       **arguments) -> str:
+                       verbose: bool = False, out: TextIO | None = None, **arguments) -> str:
     """Run a pipeline with kfp's local SubprocessRunner in this interpreter (no network); return its output.
+
+    Unless ``verbose``, each task is one line as it starts and one as it ends on ``out`` (stdout), with the
+    training step lines and a study's progress; the tasks' whole output goes to ``<pipeline_root>/../logs/``
+    (``pipelines.progress``). A failed task raises PipelineFailed, naming its log.
 
     kfp.local runs two ParallelFor iterations at a time (its executor's cap), so each study variant gets half
     the cores: two torch processes that each spin up a thread per core ran 10× slower on 2 cores.
@@ -43,7 +53,19 @@ def run_local_pipeline(name: str = "train_eval", segments: int = 2, pipeline_roo
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner", category=UserWarning)
     pipeline = build_pipeline(name, segments)
     kfp.local.init(runner=kfp.local.SubprocessRunner(use_venv=False), pipeline_root=os.path.abspath(pipeline_root))
-    return pipeline(**arguments).output
+    if verbose:
+        return pipeline(**arguments).output
+    stamp = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    logs = os.path.join(os.path.dirname(os.path.abspath(pipeline_root)), "logs", stamp)
+    tasks = TaskLog(logs, out, variants=len(arguments.get("variants") or []))
+    try:
+        with tasks.installed():
+            return pipeline(**arguments).output
+    except RuntimeError as err:
+        if not tasks.failed:
+            raise
+        who, log = tasks.failed[-1]
+        raise PipelineFailed(f"task {who} failed; its log: {log}") from err
 
 
 def compile_pipeline(out: str, name: str = "train_eval", segments: int = 2) -> str:
@@ -58,10 +80,6 @@ def compile_pipeline(out: str, name: str = "train_eval", segments: int = 2) -> s
         raise UsageError(f"--out: the folder of {out} does not exist")
     compiler.Compiler().compile(build_pipeline(name, segments), package_path=out)
     return out
-
-
-class PipelineFailed(RuntimeError):
-    """A submitted pipeline run ended in a state other than SUCCEEDED."""
 
 
 def submit_pipeline(host: str, name: str, segments: int, arguments: dict, *, experiment: str | None = None,
