@@ -1,11 +1,13 @@
 """The MLflow model registry side of the gate: one model version per checkpoint that passed, and aliases.
 
-Each registration gets its own MLflow run (experiment ``<model>-registry``) holding the checkpoint's
-``weights.safetensors``, ``config.yaml`` and ``metrics.json`` as artifacts and its eval metrics at the
-checkpoint's step; the version's source is that run's ``checkpoint`` folder. A version's metrics are read back
-from its run, which is how a later gate compares a candidate with the ``champion``. Aliases (``candidate``,
-``champion``) are MLflow's registered-model aliases, so consumers load ``models:/<name>@champion``. Nothing
-here writes to stdout: the gate's decision must be the only line there.
+A version belongs to the run that trained its checkpoint: the checkpoint's ``weights.safetensors``,
+``config.yaml`` and ``metrics.json`` are logged to that run under ``registered/step-<step>``, the version's
+source is that folder, and its ``run_id`` is the training run, so MLflow links the version to the run and the run
+to its experiment (a study's variant, under the study). A checkpoint trained without tracking (or on another
+server) gets a run of its own in one experiment, ``maeclip-registry``. A version's metrics are read back from
+its ``metrics.json``, which is how a later gate compares a candidate with the ``champion``. Aliases
+(``candidate``, ``champion``) are MLflow's registered-model aliases, so consumers load
+``models:/<name>@champion``. Nothing here writes to stdout: the gate's decision must be the only line there.
 
 maeclip writes only into a registered model it created (docs/contracts.md §8): the model and each version it
 creates carry the tag ``maeclip.created_by=maeclip``. A model of that name without the tag is someone else's:
@@ -28,6 +30,8 @@ from trainer.tracking import client, ensure_experiment
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 _ARTIFACTS = ("weights.safetensors", "config.yaml", "metrics.json")
+REGISTRY_EXPERIMENT = "maeclip-registry"  # versions of checkpoints that no run of this server trained
+MAX_METRICS_BYTES = 4 << 20  # a version's metrics.json: anyone with access to the store could have written it
 OWNER_TAG, OWNER = "maeclip.created_by", "maeclip"
 
 
@@ -105,31 +109,57 @@ class Registry:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
             raise
-        run = self.client.get_run(found.run_id)
-        return Version(found.version, found.tags.get("checkpoint_url", ""), dict(run.data.metrics))
+        return Version(found.version, found.tags.get("checkpoint_url", ""), self._metrics(found))
+
+    def _metrics(self, found: Any) -> dict[str, float]:
+        """The metrics a version was registered with: its ``metrics.json``, read bounded."""
+        path = f"{found.tags.get('artifact_path', 'checkpoint')}/metrics.json"
+        folder_path = path.rsplit("/", 1)[0]
+        listed = {info.path: info.file_size for info in self.client.list_artifacts(found.run_id, folder_path)}
+        if path not in listed or (listed[path] or 0) > MAX_METRICS_BYTES:
+            raise ValueError(f"version {found.version} has no metrics.json of at most {MAX_METRICS_BYTES} bytes")
+        with tempfile.TemporaryDirectory() as folder:
+            local = Path(self.client.download_artifacts(found.run_id, path, folder))
+            metrics = json.loads(local.read_bytes()[:MAX_METRICS_BYTES]).get("metrics")
+        if not isinstance(metrics, dict):
+            raise ValueError(f"version {found.version}'s metrics.json holds no metrics")
+        return {str(k): float(v) for k, v in metrics.items()}
+
+    def _training_run(self, meta: dict[str, Any]) -> str | None:
+        """The id of the run that trained the checkpoint, if this server has it (and it is not deleted)."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = str(meta.get("mlflow_run_id") or "")
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+        return run_id if run.info.lifecycle_stage == "active" else None
 
     def register(self, checkpoint_url: str, metrics: dict[str, float], meta: dict[str, Any]) -> Version:
-        """A new version for a checkpoint: its own run with weights, config and metrics as artifacts."""
-        from mlflow.entities import Metric
-
+        """A new version for a checkpoint, its weights, config and metrics logged to the run that trained it."""
         self._ensure_ours()  # before anything is logged: a refused model leaves no run behind
-        experiment_id = ensure_experiment(self.client, f"{self.name}-registry")
         step = int(meta["step"])
-        tags = {"checkpoint_url": checkpoint_url, "step": str(step),
-                "training_run_id": str(meta.get("mlflow_run_id") or "")}
-        run = self.client.create_run(experiment_id, run_name=f"step-{step:09d}", tags=tags)
-        run_id = run.info.run_id
-        items = [Metric(k, float(v), 0, step) for k, v in metrics.items()]
-        for start in range(0, len(items), 500):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=items[start:start + 500])
+        folder_name = f"registered/step-{step:09d}"
+        run_id = self._training_run(meta)
+        if run_id is None:
+            experiment_id = ensure_experiment(self.client, REGISTRY_EXPERIMENT)
+            run_id = self.client.create_run(experiment_id, run_name=f"{self.name}-step-{step:09d}",
+                                            tags={"checkpoint_url": checkpoint_url}).info.run_id
+            with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run at ..." on stdout
+                self.client.set_terminated(run_id)
         with tempfile.TemporaryDirectory() as folder:
             for name in _ARTIFACTS:
                 (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(checkpoint_url, name)))
-            self.client.log_artifacts(run_id, folder, "checkpoint")
-        with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run at ..." on stdout
-            self.client.set_terminated(run_id)
+            self.client.log_artifacts(run_id, folder, folder_name)
+        artifact_uri = self.client.get_run(run_id).info.artifact_uri
+        tags = {"checkpoint_url": checkpoint_url, "step": str(step), "artifact_path": folder_name}
         created = self.client.create_model_version(
-            self.name, f"{run.info.artifact_uri}/checkpoint", run_id=run_id, tags={**tags, OWNER_TAG: OWNER},
+            self.name, f"{artifact_uri}/{folder_name}", run_id=run_id, tags={**tags, OWNER_TAG: OWNER},
             description=json.dumps({"checkpoint_url": checkpoint_url, "step": step}),
         )
         return Version(created.version, checkpoint_url, dict(metrics))

@@ -227,11 +227,9 @@ def store(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def name(store, tmp_path) -> str:
-    """A fresh model name whose registry experiment keeps its artifacts under tmp_path."""
-    model = f"m-{uuid.uuid4().hex[:8]}"
-    MlflowClient(store).create_experiment(f"{model}-registry", artifact_location=f"file://{tmp_path}/artifacts")
-    return model
+def name() -> str:
+    """A fresh model name."""
+    return f"m-{uuid.uuid4().hex[:8]}"
 
 
 def _scored(tmp_path: Path, step: int, value: float) -> str:
@@ -274,7 +272,8 @@ def test_the_gate_refuses_a_registered_model_maeclip_did_not_create(store, name,
     assert _aliases(mlflow, name) == {CHAMPION: "1"} and OWNER_TAG not in mlflow.get_registered_model(name).tags
     assert [str(v.version) for v in mlflow.search_model_versions(f"name='{name}'")] == ["1"]
     assert not storage.exists(storage.join(url, "PROMOTED"))
-    assert mlflow.search_runs([mlflow.get_experiment_by_name(f"{name}-registry").experiment_id]) == []
+    everywhere = [e.experiment_id for e in mlflow.search_experiments()]
+    assert mlflow.search_runs(everywhere, filter_string=f"tags.checkpoint_url = '{url}'") == []
 
 
 def test_a_registered_model_maeclip_created_works_as_before(store, name, tmp_path):
@@ -291,7 +290,7 @@ def test_a_registered_model_maeclip_created_works_as_before(store, name, tmp_pat
 def test_no_alias_is_pointed_at_a_version_maeclip_did_not_create(store, name, tmp_path):
     run_gate(_scored(tmp_path, 1, 0.6), POLICY, model_name=name, tracking_uri=store)  # ours: version 1
     mlflow = MlflowClient(store)
-    run = mlflow.create_run(mlflow.get_experiment_by_name(f"{name}-registry").experiment_id)
+    run = mlflow.create_run(mlflow.create_experiment(f"theirs-{name}", artifact_location=f"file://{tmp_path}/theirs"))
     theirs = mlflow.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
     with pytest.raises(RegistryInUse, match=rf"version {theirs.version} of registered model '{name}'"):
         Registry(store, name).set_alias(CHAMPION, Version(theirs.version, "", {}))
