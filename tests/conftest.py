@@ -10,11 +10,13 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from postgres import Postgres, running_postgres
 from services import free_port, stop, wait_for_port
 
 SUPPORT = Path(__file__).parent / "support"
@@ -88,6 +90,15 @@ def s3_server() -> Iterator[str]:
     finally:
         env.restore()
         stop(process)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server on loopback, as the cluster's MLflow store; ``postgres.database(name)`` gives a fresh
+    database's URI."""
+    # Under the system temp dir, not pytest's (0700 root): as root the server runs as the `postgres` user.
+    with tempfile.TemporaryDirectory(prefix="maeclip-postgres-") as root, running_postgres(Path(root)) as server:
+        yield server
 
 
 @pytest.fixture

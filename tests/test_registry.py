@@ -15,22 +15,24 @@ from services import free_port, start_mlflow_server, stop
 
 from evaluators import report
 from evaluators.gate import Policy, load_policy, run_gate
-from evaluators.registry import Registry
+from evaluators.registry import CHAMPION, REGISTRY_EXPERIMENT, Registry
 from pipelines.cli import main
 from trainer import checkpoint, storage
 from trainer.config import load_config
 from trainer.models import build_model
+from trainer.tracking import start_or_resume_run
 
 METRIC = "eval/zeroshot/shapes-color/top1"
 POLICY = load_policy({"thresholds": [{"metric": METRIC, "min": 0.3}],
                       "champion": {"metric": METRIC, "tolerance": 0.05}})
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``mlflow server`` with a sqlite store on a free loopback port."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory):
+    """``mlflow server`` on a free loopback port, its store a sqlite file or PostgreSQL (the cluster's)."""
     port = free_port()
-    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port)
+    store = request.getfixturevalue("postgres").database("registry") if request.param == "postgresql" else None
+    process = start_mlflow_server(tmp_path_factory.mktemp("mlflow"), port, backend_store_uri=store)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -38,8 +40,9 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny model and a run URL to save checkpoints of it into."""
+def run(server, tmp_path_factory):
+    """A tiny model and a run URL to save checkpoints of it into; one per store (``server``), as the tests save
+    the same steps again."""
     config = load_config("tiny-clip", [f"train.run_url=file://{tmp_path_factory.mktemp('run')}"])
     torch.manual_seed(0)
     model = build_model(config.model)
@@ -103,13 +106,37 @@ def test_a_registered_version_holds_weights_config_and_metrics(server, run, tmp_
     client = MlflowClient(server)
     version = client.get_model_version(name, decision.registry["version"])
     assert version.tags["checkpoint_url"] == url
-    local = Path(client.download_artifacts(version.run_id, "checkpoint", str(tmp_path)))
+    local = Path(client.download_artifacts(version.run_id, version.tags["artifact_path"], str(tmp_path)))
     assert sorted(p.name for p in local.iterdir()) == ["config.yaml", "metrics.json", "weights.safetensors"]
     saved = safetensors.torch.load(storage.read_bytes(storage.join(url, "weights.safetensors")))
     loaded = safetensors.torch.load_file(str(local / "weights.safetensors"))
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert json.loads((local / "metrics.json").read_text())["metrics"][METRIC] == 0.9
-    assert client.get_run(version.run_id).data.metrics[METRIC] == 0.9
+    assert Registry(server, name).by_alias(CHAMPION).metrics[METRIC] == 0.9  # read back from the version
+    # Trained without tracking: the version's run is in the one registry experiment, named after model and step.
+    registry_run = client.get_run(version.run_id)
+    assert client.get_experiment(registry_run.info.experiment_id).name == REGISTRY_EXPERIMENT
+    assert registry_run.info.run_name == f"{name}-step-000000030"
+
+
+def test_a_version_belongs_to_the_run_that_trained_its_checkpoint(server, run):
+    """No experiment per registered model: the version's run is the training run, in the training experiment."""
+    client = MlflowClient(server)
+    experiments = {e.name for e in client.search_experiments()}
+    training_experiment = f"train-{uuid.uuid4().hex[:8]}"
+    training_run = start_or_resume_run(server, training_experiment, None, "clip-cls-n256-seed0", {})
+    config, model, optimizer = run
+    url = checkpoint.save(config.train.run_url, 50, model, optimizer, config, {"mlflow_run_id": training_run})
+    report.write_metrics(url, {"step": 50, "mlflow_run_id": training_run}, {METRIC: 0.7}, ["quick"])
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    assert _gate(url, server, name).passed
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert version.run_id == training_run
+    assert version.source.endswith(f"/{training_run}/artifacts/registered/step-000000050")
+    assert {e.name for e in client.search_experiments()} - experiments == {training_experiment}
+    files = {Path(f.path).name for f in client.list_artifacts(training_run, "registered/step-000000050")}
+    assert files == {"config.yaml", "metrics.json", "weights.safetensors"}
+    assert Registry(server, name).by_alias(CHAMPION).metrics[METRIC] == 0.7
 
 
 def test_maeclip_gate_prints_one_decision_line_and_exits_by_it(server, run, tmp_path, capsys):

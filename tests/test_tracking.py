@@ -9,10 +9,13 @@ from services import free_port, start_mlflow_server, stop
 from trainer.tracking import Tracker, start_or_resume_run
 
 
-def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(tmp_path, request, store):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_mlflow_server(tmp_path, port)
+    # The restarted server opens the same store: the calls queued through the outage land beside the first.
+    backend = request.getfixturevalue("postgres").database("outage") if store == "postgresql" else None
+    server = start_mlflow_server(tmp_path, port, backend_store_uri=backend)
     try:
         run_id = start_or_resume_run(uri, "outage", None, "run", {"objective": "clip"})
         tracker = Tracker(uri, run_id, max_attempts=30, backoff_s=0.2)
@@ -24,7 +27,7 @@ def test_metrics_logged_during_an_outage_arrive_once_the_server_is_back(tmp_path
             tracker.log_metrics({"train/loss": 3.0 - step * 0.1}, step=step)
         assert tracker.pending >= 3  # at most one is in the worker's hands, being retried
         time.sleep(1)
-        server = start_mlflow_server(tmp_path, port)
+        server = start_mlflow_server(tmp_path, port, backend_store_uri=backend)
         assert tracker.close(timeout_s=120) == 0
         history = MlflowClient(uri).get_metric_history(run_id, "train/loss")
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import subprocess
 import sys
@@ -70,14 +71,8 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def start_mlflow_server(root: Path, port: int, timeout_s: float = 120) -> subprocess.Popen:
-    """``mlflow server`` with a sqlite store and file artifacts under ``root``, healthy on ``port``."""
-    process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--default-artifact-root", f"file://{root / 'artifacts'}", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],  # one worker starts faster on a 2-core runner
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+def _healthy(process: subprocess.Popen, port: int, log: Path, what: str, timeout_s: float) -> subprocess.Popen:
+    """``process`` once it answers ``/health`` on ``port``; killed, with its log's tail in the error, if not."""
     deadline = time.time() + timeout_s
     while True:
         try:
@@ -86,5 +81,40 @@ def start_mlflow_server(root: Path, port: int, timeout_s: float = 120) -> subpro
         except OSError:
             if time.time() > deadline or process.poll() is not None:
                 process.kill()
-                raise RuntimeError(f"MLflow server on port {port} did not become healthy") from None
+                raise RuntimeError(f"{what} on port {port} did not become healthy:\n"
+                                   f"{log.read_text(errors='replace')[-3000:]}") from None
             time.sleep(0.5)
+
+
+def start_mlflow_server(root: Path, port: int, timeout_s: float = 120, *,
+                        backend_store_uri: str | None = None) -> subprocess.Popen:
+    """``mlflow server`` with file artifacts under ``root``, healthy on ``port``; its store is
+    ``backend_store_uri`` (e.g. a PostgreSQL database, migrated at start) or else a sqlite file under ``root``."""
+    store = backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
+    log = root / "mlflow-server.log"  # appended to: a restarted server's output follows the first one's
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri", store,
+             "--default-artifact-root", f"file://{root / 'artifacts'}", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],  # one worker starts faster on a 2-core runner
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    return _healthy(process, port, log, "MLflow server", timeout_s)
+
+
+def start_mlflow_ui(backend_store_uri: str, port: int, folder: Path, timeout_s: float = 120) -> subprocess.Popen:
+    """``mlflow ui`` on an existing store, healthy on ``port``, run in ``folder`` (its log goes there).
+
+    It serves each run's artifacts from the run's own ``file://`` location, where the store's experiments keep
+    them (``trainer.tracking.ensure_experiment``), so the UI can show them.
+    """
+    log = folder / "mlflow-ui.log"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "ui", "--backend-store-uri", backend_store_uri, "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1"],  # one worker starts faster on a 2-core runner
+            cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+            # no job runner and its seven queue consumers: they run GenAI jobs, not pages
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        )
+    return _healthy(process, port, log, "mlflow ui", timeout_s)
