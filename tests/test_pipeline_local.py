@@ -4,13 +4,19 @@ Each pipeline runs once per module (they take about a minute each) and several t
 segments' checkpoints and gate markers, the MLflow training run, the model registry, the study's parent run.
 """
 
+import base64
 import json
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
+from browser import Browser, chromium_path
 from mlflow import MlflowClient
+from services import free_port, start_mlflow_ui, stop
 
 from evaluators.registry import CHAMPION, Registry
+from evaluators.study_report import ARTIFACT_PATH
 from pipelines.runner import run_local_pipeline
 from pipelines.study import plan_study
 from trainer import checkpoint, storage
@@ -134,3 +140,68 @@ def test_the_report_takes_final_checkpoints_and_flags_what_was_not_registered(st
     # Each variant's run is named after the variant, not after the preset it shares with the others.
     assert sorted(r.info.run_name for r in children) == [
         "clip-cls-n128-seed0", "clip-cls-n64-seed0", "flip-matched-cls-n128-seed0", "flip-matched-cls-n64-seed0"]
+
+
+# The runs table's run-name cells link to their runs: {run id: name shown}, once the table has ``count`` of them.
+RUN_LINKS = """(() => {{
+  const shown = {{}};
+  for (const link of document.querySelectorAll('a[href^="#/experiments/{experiment}/runs/"]'))
+    shown[link.getAttribute('href').split('/').pop()] = link.textContent.trim();
+  return Object.keys(shown).length >= {count} ? shown : null;
+}})()"""
+# The artifact view's image, once decoded, with the bytes the browser shows (its src is a blob: URL the UI made).
+SHOWN_IMAGE = """(async () => {{
+  const image = document.querySelector({selector});
+  if (!image || !image.complete || !image.naturalWidth) return null;
+  const bytes = new Uint8Array(await (await fetch(image.src)).arrayBuffer());
+  let text = '';
+  for (const b of bytes) text += String.fromCharCode(b);
+  return {{src: image.src, width: image.naturalWidth, png: btoa(text)}};
+}})()"""
+
+
+def _ui_urls(port: int, experiment: str, parent: str, plot: str) -> tuple[str, str]:
+    """The study's child runs in the runs table, and the parent run's artifact view with ``plot`` selected.
+
+    A search filter lists the children flat, sorted by name: sorted by creation (the default) MLflow nests
+    them under the parent, collapsed.
+    """
+    query = urllib.parse.urlencode({"searchFilter": f"tags.mlflow.parentRunId = '{parent}'",
+                                    "orderByKey": "tags.`mlflow.runName`", "orderByAsc": "true"},
+                                   quote_via=urllib.parse.quote)
+    base = f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs"
+    return f"{base}?{query}", f"{base}/{parent}/artifacts/{ARTIFACT_PATH}/{plot}"
+
+
+def test_the_mlflow_ui_shows_every_variant_and_the_comparison_plot(study, tmp_path):
+    """Headless Chromium on ``mlflow ui`` over the study's store, as a person would look at it."""
+    chromium = chromium_path()  # missing: fails saying that `make test` installs it
+    client = MlflowClient(study["tracking_uri"])
+    experiment = client.get_experiment_by_name("mini").experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`maeclip.study` = 'mini'")
+    parent_id = parent.info.run_id
+    children = {r.info.run_id: r.info.run_name
+                for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    variants = sorted(planned["run_url"].rsplit("/", 1)[-1] for planned in study["variants"])
+    report_url = storage.join(study["runs_url"], "report")
+    plot = json.loads(storage.read_text(storage.join(report_url, "study.json")))["plots"][COLOR]
+    port = free_port()
+    runs_page, plot_page = _ui_urls(port, experiment, parent_id, plot)
+    ui = start_mlflow_ui(study["tracking_uri"], port, tmp_path)
+    try:
+        with Browser(chromium, tmp_path / "chromium") as browser:
+            shown = browser.wait_for(browser.open(runs_page),
+                                     RUN_LINKS.format(experiment=experiment, count=len(variants)))
+            selector = json.dumps(f'img[alt="{ARTIFACT_PATH}/{plot}"]')
+            image = browser.wait_for(browser.open(plot_page), SHOWN_IMAGE.format(selector=selector))
+        query = urllib.parse.urlencode({"path": f"{ARTIFACT_PATH}/{plot}", "run_uuid": parent_id})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/get-artifact?{query}", timeout=30) as answer:
+            served = answer.read()  # what the UI fetched to make the image's blob: URL
+    finally:
+        stop(ui)
+    # every variant's run, by the variant's name, on the page
+    assert sorted(shown.values()) == variants, f"the runs page shows {sorted(shown.values())}"
+    assert shown == children  # each name links to that variant's own run
+    assert image["width"] > 0 and image["src"].startswith(f"blob:http://127.0.0.1:{port}/")
+    assert served.startswith(b"\x89PNG\r\n\x1a\n")
+    assert base64.b64decode(image["png"]) == served == storage.read_bytes(storage.join(report_url, plot))
