@@ -14,24 +14,23 @@ export MLFLOW_DISABLE_TELEMETRY := true
 install: $(STAMP)
 
 # torch and torchvision go first and exactly: a loose pin pulls a second multi-GB build (pip would otherwise pick a CUDA build).
-# Debian's postgresql: the tests start a real PostgreSQL server for MLflow, as the cluster runs it.
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip check
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || (apt-get update -q && apt-get install -y -q postgresql)
 	@touch $@
 
 $(TOOLS): tests/tools/requirements.txt tests/tools/constraints.txt tests/tools/install.sh
 	bash tests/tools/install.sh
 
-# Debian's chromium: a test loads MLflow's UI in a real (headless) browser. Checked on every `make test`, not
-# only when the venv's stamp is rebuilt, so an existing venv gets it too.
-.PHONY: chromium
-chromium:
-	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
+# Debian packages the tests start: chromium (a test loads MLflow's UI in a headless browser) and postgresql
+# (MLflow on PostgreSQL, as the cluster runs it). Checked on every `make test`, so an existing venv gets them too.
+.PHONY: system-packages
+system-packages:
+	@(command -v chromium && ls /usr/lib/postgresql/*/bin/initdb) >/dev/null 2>&1 || \
+		(apt-get update -q && apt-get install -y -q --no-install-recommends chromium postgresql)
 
 demo: $(STAMP)
 	$(VENV)/bin/maeclip demo
@@ -50,7 +49,7 @@ study: $(STAMP)
 # Two pytest processes: Streaming keeps each StreamingDataset's shared memory open until the process exits (its
 # atexit cleanup holds it), about 200 file descriptors per eval pass, and the whole suite in one process reached
 # the machine's 20,000-descriptor limit near its end.
-test: $(STAMP) $(TOOLS) chromium
+test: $(STAMP) $(TOOLS) system-packages
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q $(wildcard tests/test_[a-l]*.py)
 	$(VENV)/bin/pytest -q $(wildcard tests/test_[m-z]*.py)
