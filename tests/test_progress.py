@@ -122,3 +122,14 @@ def test_a_failing_task_fails_the_run_naming_its_log(tmp_path):
     assert lines[0].endswith("▶ prepare-corpus") and f"its log: {log}" in lines[1]
     assert "unknown corpus kind 'no-such-kind'" in lines[-1]  # the last line of the log is the error
     assert len(lines) == 2 + TAIL_LINES
+
+
+def test_verbose_streams_every_tasks_whole_output_and_writes_no_logs(tmp_path, capfd):
+    with pytest.raises(RuntimeError, match="FAILURE") as err:
+        run_local_pipeline("train_eval", 1, pipeline_root=str(tmp_path / "kfp"), verbose=True, corpus="no-such-kind",
+                           data_url=f"file://{tmp_path}/shapes", run_url=f"file://{tmp_path}/run",
+                           tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", preset="tiny-clip", nproc_per_node=1)
+    assert not isinstance(err.value, PipelineFailed)  # kfp's own error: no log file to name
+    out = capfd.readouterr().out
+    assert "Got executor_input" in out and "unknown corpus kind 'no-such-kind'" in out  # kfp's whole stream
+    assert not (tmp_path / "logs").exists()
