@@ -46,13 +46,9 @@ study: $(STAMP)
 		--arms clip maeclip flip-matched --pools cls gap --data-sizes 256 1024 4096 --seeds 0 1 2 \
 		--nproc-per-node 1 --set train.steps=100 --set optim.warmup_steps=10 --set data.num_workers=1
 
-# Two pytest processes: Streaming keeps each StreamingDataset's shared memory open until the process exits (its
-# atexit cleanup holds it), about 200 file descriptors per eval pass, and the whole suite in one process reached
-# the machine's 20,000-descriptor limit near its end.
 test: $(STAMP) $(TOOLS) system-packages
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -q $(wildcard tests/test_[a-l]*.py)
-	$(VENV)/bin/pytest -q $(wildcard tests/test_[m-z]*.py)
+	$(VENV)/bin/pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

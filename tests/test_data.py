@@ -1,5 +1,6 @@
 """Data plane v0: the shapes corpus, the tokenizer, MDS on file://, gs:// and s3://, the Streaming loader."""
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -15,10 +16,10 @@ from hypothesis import strategies as st
 
 from trainer import storage
 from trainer.config import ConfigError, load_config
-from trainer.data.loader import DataError, build_train_loader, dataset_size, iter_eval_batches
+from trainer.data.loader import CaptionedImages, DataError, build_train_loader, dataset_size, iter_eval_batches
 from trainer.data.shapes import COLORS, RELATIONS, SHAPES, decode_mask, make_sample, write_shapes
 from trainer.data.tokenizer import EOT_TOKEN_ID, SOT_TOKEN_ID, tokenize
-from trainer.data.transforms import decode_image
+from trainer.data.transforms import decode_image, eval_transform
 
 SUPPORT = Path(__file__).parent / "support"
 V0_IMAGE_DIGESTS = ["058f7802940c5d05", "77e1e21f5bbebb19", "b863c954a8c023a0", "f10d640400cda259"]
@@ -215,6 +216,33 @@ def test_eval_batches_cover_the_split_in_order(tmp_path):
     assert batches[0]["meta"][0] == make_sample(3, "eval", 0)["meta"]
     assert batches[0]["caption"][0] == make_sample(3, "eval", 0)["caption"]
     assert batches[0]["captions"][0] == [make_sample(3, "eval", 0)["caption"]]  # one caption: its only one
+
+
+def _shared_memory_descriptors() -> int:
+    found = 0
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed since listed
+            found += fd.readlink().as_posix().startswith("/dev/shm/")
+    return found
+
+
+def test_eval_passes_leave_no_shared_memory_open(tmp_path):
+    """Streaming attaches to every live shared-memory prefix to find a free one and would keep each one it
+    probed, and each block it made, open until exit: about 200 descriptors an eval pass, which ran a long
+    ``eval --watch`` out of them. Live datasets of other runs make each new one probe past their prefixes."""
+    root = f"file://{tmp_path}/data"
+    _write(root)
+    config = load_config("tiny-clip", [f"data.url={root}"])
+    transform = eval_transform(config.data, config.model.image_size)
+    others = [CaptionedImages(storage.join(root, "train"), config, transform=transform, with_text_meta=False)
+              for _ in range(3)]
+    before, blocks = _shared_memory_descriptors(), set(Path("/dev/shm").iterdir())
+    for _ in range(3):
+        keys = [key for batch in iter_eval_batches(storage.join(root, "eval"), config, 8) for key in batch["key"]]
+        assert len(keys) == 16
+    assert _shared_memory_descriptors() == before
+    assert set(Path("/dev/shm").iterdir()) - blocks == set()  # what the passes made is unlinked, not left behind
+    del others
 
 
 def test_a_shared_memory_prefix_taken_by_another_process_meanwhile_is_retried(tmp_path, monkeypatch):

@@ -27,6 +27,8 @@ chosen ids are cached node-locally (``data.cache_dir`` or the temp dir), never i
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,6 +37,7 @@ import os
 import random
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -52,6 +55,55 @@ from trainer.data.transforms import Transform, decode_tensor, eval_transform, tr
 
 log = logging.getLogger(__name__)
 SHM_ATTEMPTS = 10
+_PREFIX_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _probes_not_kept() -> Iterator[None]:
+    """While a dataset starts: a shared-memory block it only attaches to is not kept open until exit.
+
+    Streaming finds a free shared-memory prefix by attaching to each live prefix's blocks in turn, and registers
+    every such probe for cleanup at exit, which holds its two file descriptors (the block's and its mapping's)
+    for the life of the process: about 200 per dataset with a few dozen prefixes in /dev/shm, and a long
+    ``maeclip eval --watch`` ran out of descriptors. Unregistered, a probe closes once nothing refers to it; the
+    blocks a dataset creates are still registered, and the one it attaches to as a non-leader is kept by it.
+    """
+    from streaming.base.shared import prefix
+
+    attach = prefix.SharedMemory
+
+    def unregistered_when_attached(name=None, create=None, size=0, auto_cleanup=True):
+        return attach(name, create, size, auto_cleanup=auto_cleanup and create is not False)
+
+    with _PREFIX_LOCK:  # one module global, patched for the length of one dataset's start
+        prefix.SharedMemory = unregistered_when_attached
+        try:
+            yield
+        finally:
+            prefix.SharedMemory = attach
+
+
+def _blocks(dataset: StreamingDataset) -> list[Any]:
+    """The shared-memory blocks a dataset made for itself: its locals, barrier, epoch, cache and shard arrays."""
+    from streaming.base.shared.memory import SharedMemory
+
+    found = []
+    for value in vars(dataset).values():
+        for block in (value, getattr(value, "shm", None), getattr(getattr(value, "arr", None), "shm", None),
+                      getattr(getattr(value, "_arr", None), "shm", None)):
+            if isinstance(block, SharedMemory):
+                found.append(block)
+    return found
+
+
+def release_shared_memory(dataset: StreamingDataset) -> None:
+    """Unlink and close a finished, worker-less dataset's blocks now rather than at exit (one eval pass each)."""
+    for block in _blocks(dataset):
+        try:
+            block.cleanup()
+        except BufferError:  # a view of it is still alive: leave it to the exit handler
+            continue
+        atexit.unregister(block.cleanup)
 
 
 class DataError(ValueError):
@@ -178,7 +230,8 @@ class CaptionedImages(StreamingDataset):
         remote, local = _remote_and_local(split_url, config.data.cache_dir)
         for attempt in range(SHM_ATTEMPTS):
             try:
-                super().__init__(remote=remote, local=local, **streaming_args)
+                with _probes_not_kept():
+                    super().__init__(remote=remote, local=local, **streaming_args)
                 break
             except FileExistsError:
                 # Streaming claims a shared-memory prefix by scanning for a free one and then creating it, so two
@@ -361,4 +414,7 @@ def iter_eval_batches(split_url: str, config: Config, batch_size: int) -> Iterat
     dataset = CaptionedImages(split_url, config, transform=eval_transform(config.data, config.model.image_size),
                               with_text_meta=True, shuffle=False, batch_size=batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_eval)
-    yield from loader
+    try:
+        yield from loader
+    finally:
+        release_shared_memory(dataset)
