@@ -130,7 +130,7 @@ class TaskLog:
             tail = "\n".join(f"    | {line}" for line in last)
             self._say(f"{time.strftime('%H:%M:%S')} ✗ {who} failed after {took}; its log: {path}\n{tail}")
             return code
-        self._say(f"{time.strftime('%H:%M:%S')} ✓ {who} ({took}){'  ' + result if result else ''}")
+        self._say(f"{time.strftime('%H:%M:%S')} ✓ {who} done ({took}){': ' + result if result else ''}")
         if self.variants and task.startswith("register"):
             with self._lock:
                 self.variants_done += 1

@@ -39,7 +39,7 @@ def test_a_task_is_a_start_line_its_step_lines_and_an_end_line_with_its_summary(
     assert code == 0 and len(lines) == 4, lines
     assert lines[0].endswith("▶ train-segment clip-cls-n256-seed0 segment 1/2")
     assert lines[1].strip() == "clip-cls-n256-seed0 segment 1/2: step 10/20 loss 2.5000 lr 1.00e-03 100.0 samples/s"
-    assert re.search(r"✓ train-segment clip-cls-n256-seed0 segment 1/2 \(\d+ s\)  → step-000000020$", lines[3])
+    assert re.search(r"✓ train-segment clip-cls-n256-seed0 segment 1/2 done \(\d+ s\): → step-000000020$", lines[3])
     (log,) = tmp_path.glob("*.log")
     assert log.name == "train-segment-clip-cls-n256-seed0_segment_1_2.log"
     assert "noise 39" in log.read_text() and "maeclip-summary" in log.read_text()  # the whole output
