@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 _ARTIFACTS = ("weights.safetensors", "config.yaml", "metrics.json")
 REGISTRY_EXPERIMENT = "maeclip-registry"  # versions of checkpoints that no run of this server trained
 MAX_METRICS_BYTES = 4 << 20  # a version's metrics.json: anyone with access to the store could have written it
+_ARTIFACT_PATH = re.compile(r"checkpoint|registered/step-\d{9}")  # where register() puts a version's files
 OWNER_TAG, OWNER = "maeclip.created_by", "maeclip"
 
 
@@ -113,17 +115,23 @@ class Registry:
 
     def _metrics(self, found: Any) -> dict[str, float]:
         """The metrics a version was registered with: its ``metrics.json``, read bounded."""
-        path = f"{found.tags.get('artifact_path', 'checkpoint')}/metrics.json"
-        folder_path = path.rsplit("/", 1)[0]
+        folder_path = found.tags.get("artifact_path", "checkpoint")  # "checkpoint": versions before 2026-12
+        if not _ARTIFACT_PATH.fullmatch(folder_path):  # a tag anyone with access could have rewritten
+            raise ValueError(f"version {found.version}'s artifact_path tag is not one maeclip writes")
+        path = f"{folder_path}/metrics.json"
         listed = {info.path: info.file_size for info in self.client.list_artifacts(found.run_id, folder_path)}
         if path not in listed or (listed[path] or 0) > MAX_METRICS_BYTES:
             raise ValueError(f"version {found.version} has no metrics.json of at most {MAX_METRICS_BYTES} bytes")
         with tempfile.TemporaryDirectory() as folder:
             local = Path(self.client.download_artifacts(found.run_id, path, folder))
-            metrics = json.loads(local.read_bytes()[:MAX_METRICS_BYTES]).get("metrics")
+            loaded = json.loads(local.read_bytes()[:MAX_METRICS_BYTES])
+        metrics = loaded.get("metrics") if isinstance(loaded, dict) else None
         if not isinstance(metrics, dict):
             raise ValueError(f"version {found.version}'s metrics.json holds no metrics")
-        return {str(k): float(v) for k, v in metrics.items()}
+        try:
+            return {str(k): float(v) for k, v in metrics.items()}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"version {found.version}'s metrics.json holds a value that is not a number") from err
 
     def _training_run(self, meta: dict[str, Any]) -> str | None:
         """The id of the run that trained the checkpoint, if this server has it (and it is not deleted)."""

@@ -297,6 +297,17 @@ def test_no_alias_is_pointed_at_a_version_maeclip_did_not_create(store, name, tm
     assert _aliases(mlflow, name) == {CANDIDATE: "1", CHAMPION: "1"}
 
 
+@pytest.mark.parametrize("tampered", ["../../theirs", "registered/step-000000001/../../x", "/etc"])
+def test_a_rewritten_artifact_path_tag_is_refused_before_anything_is_read(store, name, tmp_path, tampered):
+    """The champion's metrics come from its files; a version tag pointing elsewhere is not followed."""
+    run_gate(_scored(tmp_path, 1, 0.6), POLICY, model_name=name, tracking_uri=store)
+    mlflow = MlflowClient(store)
+    assert Registry(store, name).by_alias(CHAMPION).metrics[METRIC] == 0.6
+    mlflow.set_model_version_tag(name, "1", "artifact_path", tampered)
+    with pytest.raises(ValueError, match="artifact_path tag is not one maeclip writes"):
+        Registry(store, name).by_alias(CHAMPION)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation output.
 
