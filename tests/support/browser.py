@@ -61,6 +61,8 @@ class Browser:
         os.close(child_in)
         os.close(child_out)
         self._buffer, self._next_id = b"", 0
+        self._poll = select.poll()
+        self._poll.register(self._answers, select.POLLIN)
 
     def __enter__(self) -> Browser:
         return self
@@ -86,7 +88,8 @@ class Browser:
     def _read(self, deadline: float) -> dict:
         while b"\0" not in self._buffer:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self._answers], [], [], left)[0]:
+            # poll, not select: in a long test session the pipe's descriptor can be above select's 1024
+            if left <= 0 or not self._poll.poll(left * 1000):
                 raise BrowserError("Chromium did not answer in time")
             chunk = os.read(self._answers, 1 << 16)
             if not chunk:
