@@ -133,8 +133,8 @@ class Registry:
         except (TypeError, ValueError) as err:
             raise ValueError(f"version {found.version}'s metrics.json holds a value that is not a number") from err
 
-    def _training_run(self, meta: dict[str, Any]) -> str | None:
-        """The id of the run that trained the checkpoint, if this server has it (and it is not deleted)."""
+    def _training_run(self, meta: dict[str, Any]) -> Any | None:
+        """The run that trained the checkpoint, if this server has it (and it is not deleted)."""
         from mlflow.exceptions import MlflowException
 
         run_id = str(meta.get("mlflow_run_id") or "")
@@ -146,25 +146,25 @@ class Registry:
             if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
             raise
-        return run_id if run.info.lifecycle_stage == "active" else None
+        return run if run.info.lifecycle_stage == "active" else None
 
     def register(self, checkpoint_url: str, metrics: dict[str, float], meta: dict[str, Any]) -> Version:
         """A new version for a checkpoint, its weights, config and metrics logged to the run that trained it."""
         self._ensure_ours()  # before anything is logged: a refused model leaves no run behind
         step = int(meta["step"])
         folder_name = f"registered/step-{step:09d}"
-        run_id = self._training_run(meta)
-        if run_id is None:
+        run = self._training_run(meta)
+        if run is None:
             experiment_id = ensure_experiment(self.client, REGISTRY_EXPERIMENT)
-            run_id = self.client.create_run(experiment_id, run_name=f"{self.name}-step-{step:09d}",
-                                            tags={"checkpoint_url": checkpoint_url}).info.run_id
+            run = self.client.create_run(experiment_id, run_name=f"{self.name}-step-{step:09d}",
+                                         tags={"checkpoint_url": checkpoint_url})
             with contextlib.redirect_stdout(sys.stderr):  # MLflow prints "View run at ..." on stdout
-                self.client.set_terminated(run_id)
+                self.client.set_terminated(run.info.run_id)
+        run_id, artifact_uri = run.info.run_id, run.info.artifact_uri
         with tempfile.TemporaryDirectory() as folder:
             for name in _ARTIFACTS:
                 (Path(folder) / name).write_bytes(storage.read_bytes(storage.join(checkpoint_url, name)))
             self.client.log_artifacts(run_id, folder, folder_name)
-        artifact_uri = self.client.get_run(run_id).info.artifact_uri
         tags = {"checkpoint_url": checkpoint_url, "step": str(step), "artifact_path": folder_name}
         created = self.client.create_model_version(
             self.name, f"{artifact_uri}/{folder_name}", run_id=run_id, tags={**tags, OWNER_TAG: OWNER},
